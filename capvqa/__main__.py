@@ -1,0 +1,5 @@
+"""``python -m capvqa`` (also what ``torchrun -m capvqa`` runs)."""
+
+from capvqa.cli import main
+
+main()
