@@ -1,0 +1,398 @@
+"""The tiny zoo: small random-weight models for every model role, built offline and deterministically.
+
+Each role gets a folder written with ``save_pretrained`` that loads back through the ordinary
+``Auto*.from_pretrained(folder)`` path with the hub unreachable, so tests and demos run the same loading
+and inference code as the real checkpoints, in seconds, on a CPU.
+
+- ``itm``: BlipForImageTextRetrieval + BlipProcessor (BERT WordPiece with ``[DEC]``/``[ENC]`` as the last
+  two ids); stands in for Salesforce/blip-itm-large-coco.
+- ``captioner``: BlipForConditionalGeneration, same processor; for Salesforce/blip-image-captioning-large.
+- ``reader``: T5ForConditionalGeneration, T5 v1.0 flavour (relu, decoder output scaled) + T5Tokenizer
+  (sentencepiece unigram, 10 sentinels); for allenai/unifiedqa-v2-t5-*-1363200.
+- ``qg``: T5ForConditionalGeneration, T5 v1.1 flavour (gated-gelu, no output scaling), same tokenizer;
+  for google/t5-large-lm-adapt with the Img2LLM QG weights.
+- ``causal_lm``: OPTForCausalLM + GPT2Tokenizer (byte-level BPE, ``</s>`` prepended, left padding);
+  for facebook/opt-*.
+- ``clip``: CLIPModel + CLIPProcessor (CLIP BPE, 77 positions); for openai/clip-vit-base-patch16.
+
+The weights are random: outputs have the right shapes and types, not meaning. Two builds write
+byte-identical files (fixed seed per role, single-threaded tokenizer training), so a folder's hash can
+serve as a model fingerprint. Bump :data:`ZOO_VERSION` whenever anything written here changes.
+
+Two tiers, as elsewhere in capvqa: ``tiny_*_config`` builders take every size as an argument; the zoo
+itself (:func:`build_tiny_zoo`, :func:`ensure_tiny_zoo`) fixes the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from capvqa.errors import ModelLoadError
+from capvqa.models import offline_tokenizers
+
+logger = logging.getLogger(__name__)
+
+ZOO_VERSION = 1
+ZOO_SEED = 1234
+MANIFEST_NAME = "manifest.json"
+ROLES: tuple[str, ...] = ("itm", "captioner", "reader", "qg", "causal_lm", "clip")
+
+# Sizes shared by the roles (kept small: the whole zoo is ~2 MB and builds in a few seconds).
+IMAGE_SIZE = 64  # 64 / 16 = 4x4 patches (+ CLS): same code paths as 384 px / 24x24, 36x less work
+PATCH_SIZE = 16
+T5_SP_VOCAB = 500
+T5_EXTRA_IDS = 10
+OPT_VOCAB = 600
+CLIP_VOCAB = 1000
+
+
+@dataclass(frozen=True)
+class TinyModelEntry:
+    """One role of the zoo, as recorded in ``manifest.json``."""
+
+    role: str
+    model_class: str
+    processor_class: str
+    stands_in_for: str
+    seed: int  # torch seed the random weights are drawn with
+
+
+_ENTRIES = (
+    ("itm", "BlipForImageTextRetrieval", "BlipProcessor", "Salesforce/blip-itm-large-coco"),
+    ("captioner", "BlipForConditionalGeneration", "BlipProcessor", "Salesforce/blip-image-captioning-large"),
+    ("reader", "T5ForConditionalGeneration", "T5Tokenizer", "allenai/unifiedqa-v2-t5-large-1363200"),
+    ("qg", "T5ForConditionalGeneration", "T5Tokenizer", "google/t5-large-lm-adapt"),
+    ("causal_lm", "OPTForCausalLM", "GPT2Tokenizer", "facebook/opt-6.7b"),
+    ("clip", "CLIPModel", "CLIPProcessor", "openai/clip-vit-base-patch16"),
+)
+
+
+def tiny_zoo_manifest() -> dict:
+    """What the zoo holds: version and one entry per role (also written to ``root/manifest.json``)."""
+    entries = [TinyModelEntry(*fields, seed=ZOO_SEED + i) for i, fields in enumerate(_ENTRIES)]
+    assert tuple(entry.role for entry in entries) == ROLES
+    return {"zoo_version": ZOO_VERSION, "roles": {entry.role: asdict(entry) for entry in entries}}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameterised config builders
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def tiny_blip_config(
+    *,
+    vocab_size: int,
+    bos_token_id: int,
+    sep_token_id: int,
+    pad_token_id: int = 0,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    vision_intermediate: int = 64,
+    text_hidden: int = 32,
+    text_layers: int = 12,
+    text_heads: int = 4,
+    text_intermediate: int = 64,
+    max_position_embeddings: int = 64,
+    embed_dim: int = 16,
+) -> BlipConfig:
+    """A small BLIP config (ITM and captioner). 12 text layers like the real model: GradCAM uses layer 7."""
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": text_hidden,
+        "encoder_hidden_size": vision_hidden,
+        "intermediate_size": text_intermediate,
+        "projection_dim": embed_dim,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": text_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "bos_token_id": bos_token_id,
+        "sep_token_id": sep_token_id,
+        "eos_token_id": sep_token_id,  # BLIP's generate stops at [SEP]; keep both ids the same
+        "pad_token_id": pad_token_id,
+    }
+    vision_config = {
+        "hidden_size": vision_hidden,
+        "intermediate_size": vision_intermediate,
+        "projection_dim": embed_dim,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": vision_heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "layer_norm_eps": 1e-6,  # as the original BLIP checkpoints
+        # HF's default (1e-10) leaves position and class embeddings at ~0: patches would all look alike.
+        "initializer_range": 0.02,
+    }
+    return BlipConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        projection_dim=embed_dim,
+        image_text_hidden_size=embed_dim,
+    )
+
+
+def tiny_t5_config(
+    *,
+    vocab_size: int,
+    d_model: int = 32,
+    d_ff: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    d_kv: int = 16,
+    v1_1: bool = False,
+) -> T5Config:
+    """A small T5 config; pad = decoder start = 0, eos = 1.
+
+    ``v1_1`` selects the T5 v1.1 flavour of t5-lm-adapt (gated-gelu, decoder output not rescaled) instead
+    of v1.0 as in UnifiedQA (relu, rescaled). transformers v5 turns ``tie_word_embeddings=False`` into
+    ``scale_decoder_outputs=False`` and ties the head anyway; a checkpoint that stores its own
+    ``lm_head.weight`` (the real v1.1 ones) is still loaded untied.
+    """
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_ff=d_ff,
+        d_kv=d_kv,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu" if v1_1 else "relu",
+        tie_word_embeddings=not v1_1,
+        pad_token_id=offline_tokenizers.T5_PAD_ID,
+        eos_token_id=offline_tokenizers.T5_EOS_ID,
+        decoder_start_token_id=offline_tokenizers.T5_PAD_ID,
+    )
+
+
+def tiny_opt_config(
+    *,
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    ffn_dim: int = 64,
+    max_position_embeddings: int = 512,
+) -> OPTConfig:
+    """A small OPT config with OPT's special ids (pad 1, bos = eos = ``</s>`` 2)."""
+    return OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        ffn_dim=ffn_dim,
+        max_position_embeddings=max_position_embeddings,
+        word_embed_proj_dim=hidden_size,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+
+
+def tiny_clip_config(
+    *,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    projection_dim: int = 16,
+    max_position_embeddings: int = 77,
+) -> CLIPConfig:
+    """A small CLIP config. The text eos id must be the tokenizer's: the pooled text feature is read there."""
+    shared = {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "projection_dim": projection_dim,
+    }
+    return CLIPConfig(
+        text_config=dict(
+            shared,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        ),
+        vision_config=dict(shared, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection_dim,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+
+
+@contextlib.contextmanager
+def _progress_bars_off():
+    """Silence transformers' per-save "Writing model shards" bars for the build, then restore the setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_random_model(model_class: type[PreTrainedModel], config, folder: Path, seed: int) -> None:
+    """Initialise ``model_class(config)`` under ``seed`` and save it, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.eval()
+    with _progress_bars_off():
+        model.save_pretrained(folder)
+
+
+def _blip_image_processor():
+    # Without torchvision transformers v5 only has the PIL backend; both save as "BlipImageProcessor" and
+    # AutoProcessor picks whichever backend is installed when loading.
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def _clip_image_processor():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+
+
+def build_tiny_zoo(root: Path) -> dict[str, Path]:
+    """Build every role into ``root/<role>`` (``root`` is created) and write ``root/manifest.json``.
+
+    Deterministic: two builds give byte-identical files. Returns ``{role: folder}``. Overwrites
+    existing files; use :func:`ensure_tiny_zoo` for the shared cached copy.
+    """
+    root = Path(root)
+    manifest = tiny_zoo_manifest()
+    seeds = {role: entry["seed"] for role, entry in manifest["roles"].items()}
+    paths = {role: root / role for role in ROLES}
+    for folder in paths.values():
+        folder.mkdir(parents=True, exist_ok=True)
+
+    # BLIP: one tokenizer + processor shared by the ITM model and the captioner, as on the hub.
+    blip_tokenizer = offline_tokenizers.build_blip_bert_tokenizer()
+    blip_processor = BlipProcessor(image_processor=_blip_image_processor(), tokenizer=blip_tokenizer)
+    blip_config = tiny_blip_config(
+        vocab_size=len(blip_tokenizer),
+        bos_token_id=blip_tokenizer.bos_token_id,
+        sep_token_id=blip_tokenizer.sep_token_id,
+        pad_token_id=blip_tokenizer.pad_token_id,
+    )
+    vocab_tokens = offline_tokenizers.wordpiece_vocab()
+    for role, model_class in (
+        ("itm", BlipForImageTextRetrieval),
+        ("captioner", BlipForConditionalGeneration),
+    ):
+        _save_random_model(model_class, blip_config, paths[role], seeds[role])
+        blip_processor.save_pretrained(paths[role])
+        # The hub folders carry the WordPiece vocab too; transformers reads tokenizer.json first.
+        offline_tokenizers.write_wordpiece_vocab(paths[role] / "vocab.txt", vocab_tokens)
+
+    # T5 reader (UnifiedQA, T5 v1.0) and question generator (t5-lm-adapt, v1.1) share one tokenizer.
+    t5_tokenizer = offline_tokenizers.build_t5_tokenizer(sp_vocab_size=T5_SP_VOCAB, extra_ids=T5_EXTRA_IDS)
+    t5_vocab = _round_up(len(t5_tokenizer), 64)  # as 32,100 -> 32,128: the table outgrows the tokenizer
+    for role, v1_1 in (("reader", False), ("qg", True)):
+        t5_config = tiny_t5_config(vocab_size=t5_vocab, v1_1=v1_1)
+        _save_random_model(T5ForConditionalGeneration, t5_config, paths[role], seeds[role])
+        t5_tokenizer.save_pretrained(paths[role])
+
+    opt_tokenizer = offline_tokenizers.build_opt_tokenizer(vocab_size=OPT_VOCAB, model_max_length=512)
+    opt_config = tiny_opt_config(vocab_size=_round_up(len(opt_tokenizer) + 1, 16))  # like 50,265 -> 50,272
+    _save_random_model(OPTForCausalLM, opt_config, paths["causal_lm"], seeds["causal_lm"])
+    opt_tokenizer.save_pretrained(paths["causal_lm"])
+
+    clip_tokenizer = offline_tokenizers.build_clip_tokenizer(vocab_size=CLIP_VOCAB)
+    clip_config = tiny_clip_config(
+        vocab_size=len(clip_tokenizer),
+        bos_token_id=clip_tokenizer.bos_token_id,
+        eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )
+    _save_random_model(CLIPModel, clip_config, paths["clip"], seeds["clip"])
+    CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=clip_tokenizer).save_pretrained(
+        paths["clip"]
+    )
+
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return paths
+
+
+def default_zoo_dir() -> Path:
+    """``$CAPVQA_HOME/tiny-zoo/v{ZOO_VERSION}`` (``CAPVQA_HOME`` defaults to ``~/.cache/capvqa``)."""
+    home = Path(os.environ.get("CAPVQA_HOME") or Path.home() / ".cache" / "capvqa").expanduser()
+    return home / "tiny-zoo" / f"v{ZOO_VERSION}"
+
+
+def _zoo_paths(root: Path) -> dict[str, Path]:
+    return {role: root / role for role in ROLES}
+
+
+def ensure_tiny_zoo(root: Path | None = None) -> dict[str, Path]:
+    """Return ``{role: folder}`` of the zoo at ``root`` (default :func:`default_zoo_dir`), building it once.
+
+    The build goes to a temporary folder next to ``root`` and is renamed into place, so a reader never
+    sees a half-written zoo. If two processes race, the first rename wins and the other discards its copy.
+    """
+    root = Path(root) if root is not None else default_zoo_dir()
+    if (root / MANIFEST_NAME).is_file():
+        return _zoo_paths(root)
+    if root.exists() and any(root.iterdir()):
+        raise ModelLoadError(
+            f"{root} exists but holds no {MANIFEST_NAME}: it is not a complete tiny zoo. Delete it and retry."
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the zoo is a plain readable cache folder
+    try:
+        logger.info("building the tiny model zoo v%d in %s", ZOO_VERSION, root)
+        build_tiny_zoo(staging)
+        try:
+            os.replace(staging, root)  # atomic; replaces an empty folder, fails on a non-empty one
+        except OSError:
+            if not (root / MANIFEST_NAME).is_file():
+                raise  # not a lost race: something else is in the way
+            logger.info("another process built the tiny zoo first; using its copy")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _zoo_paths(root)
