@@ -1,0 +1,305 @@
+"""Declarative pipeline configs: ``pipelines/*.yaml`` -> validated :class:`PipelineSpec`.
+
+A config names its models by role and its stages by dotted class path, in execution order::
+
+    name: pnp-vqa-base
+    models: {itm: Salesforce/blip-itm-large-coco, ...}
+    stages:
+      matching: {type: capvqa.stages.matching.GradCamMatching, model: itm, block_num: 7}
+      captioning: {type: ..., model: captioner, inputs: {relevance: matching}, num_captions: 100}
+    answer: reader
+
+``extends: other-config`` starts from another config. Overrides (``--set key=value``, or
+``overrides=[...]`` in Python) address ``seed``, ``models.ROLE`` and ``STAGE.PARAM``; values are parsed
+as YAML scalars. Validation binds every stage's parameters to its config dataclass without loading any
+model, and unknown keys are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capvqa.errors import ConfigError
+from capvqa.resources import pipelines_dir
+
+_RESERVED_STAGE_KEYS = ("type", "model", "inputs")
+_TOP_LEVEL_KEYS = ("name", "method", "description", "extends", "seed", "models", "stages", "answer",
+                   "models_preset", "run")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a pipeline as declared: class path, model role, upstream inputs, parameters."""
+
+    name: str
+    type: str
+    model_role: str | None
+    inputs: dict[str, str]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    method: str
+    description: str
+    seed: int
+    models: dict[str, str]
+    stages: tuple[StageSpec, ...]
+    answer: str
+    models_preset: str | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, loadable again with :func:`load_spec` (what run folders save)."""
+        stages: dict[str, Any] = {}
+        for stage in self.stages:
+            node: dict[str, Any] = {"type": stage.type}
+            if stage.model_role:
+                node["model"] = stage.model_role
+            if stage.inputs:
+                node["inputs"] = dict(stage.inputs)
+            node.update(stage.params)
+            stages[stage.name] = node
+        out: dict[str, Any] = {
+            "name": self.name,
+            "method": self.method,
+            "description": self.description,
+            "seed": self.seed,
+            "models": dict(self.models),
+            "stages": stages,
+            "answer": self.answer,
+        }
+        if self.models_preset:
+            out["models_preset"] = self.models_preset
+        if self.run:
+            out["run"] = dict(self.run)
+        return out
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def available_pipelines() -> list[str]:
+    return sorted(p.stem for p in pipelines_dir().glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from error
+    except OSError as error:
+        raise ConfigError(f"cannot read pipeline config {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a pipeline config must be a mapping with 'stages' and 'models'")
+    return data
+
+
+def _locate(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"pipeline config file {candidate} does not exist")
+        return candidate
+    path = pipelines_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown pipeline {str(name_or_path)!r}; available: {', '.join(available_pipelines())} "
+            "(or give a path to a .yaml config)"
+        )
+    return path
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _load_raw(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = _locate(name_or_path)
+    if str(path) in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(seen)})")
+    data = _read_yaml(path)
+    unknown = sorted(set(data) - set(_TOP_LEVEL_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {unknown}; valid: {list(_TOP_LEVEL_KEYS)}")
+    parent = data.pop("extends", None)
+    if parent:
+        data = _merge(_load_raw(parent, (*seen, str(path))), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. captioning.num_captions=50")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    stages = data.get("stages") or {}
+    models = data.get("models") or {}
+    head = parts[0]
+    if head in ("seed", "answer", "name", "description") and len(parts) == 1:
+        data[head] = value
+        return
+    if head == "models" and len(parts) == 2:
+        if parts[1] not in models:
+            raise ConfigError(f"unknown model role {parts[1]!r}; valid: {sorted('models.' + r for r in models)}")
+        models[parts[1]] = value
+        return
+    if head in stages and len(parts) == 2:
+        param = parts[1]
+        valid = _stage_param_names(stages[head])
+        if param not in valid:
+            raise ConfigError(
+                f"unknown key {'.'.join(parts)!r}; valid keys of stage {head!r}: "
+                f"{sorted(f'{head}.{p}' for p in valid)}"
+            )
+        stages[head][param] = value
+        return
+    valid_keys = ["seed", *(f"models.{r}" for r in models)]
+    for stage_name, node in stages.items():
+        valid_keys += [f"{stage_name}.{p}" for p in sorted(_stage_param_names(node))]
+    raise ConfigError(f"unknown key {'.'.join(parts)!r}; valid keys: {valid_keys}")
+
+
+def import_stage_class(path: str) -> type:
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"stage type {path!r} cannot be imported: {error}") from error
+
+
+def _stage_param_names(node: dict[str, Any]) -> set[str]:
+    stage_class = import_stage_class(str(node.get("type", "")))
+    # a stage's model is chosen through its role (models.ROLE=...), not as a stage parameter
+    return {f.name for f in dataclasses.fields(stage_class.Config)} - {"model"}
+
+
+def load_spec(
+    name_or_path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    models_preset: str | None = None,
+) -> PipelineSpec:
+    """Load, merge, override and validate a pipeline config (no model is loaded)."""
+    data = _load_raw(name_or_path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value)
+    if models_preset:
+        from capvqa.models.presets import apply_models_preset
+
+        data["models"] = apply_models_preset(models_preset, data.get("models") or {})
+        data["models_preset"] = models_preset
+    return _validate(data, str(name_or_path))
+
+
+def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
+    stages_node = data.get("stages")
+    if not isinstance(stages_node, dict) or not stages_node:
+        raise ConfigError(f"{origin}: 'stages' must be a non-empty mapping of stage name -> settings")
+    models = {str(k): str(v) for k, v in (data.get("models") or {}).items()}
+    stages: list[StageSpec] = []
+    for name, node in stages_node.items():
+        if not isinstance(node, dict) or "type" not in node:
+            raise ConfigError(f"{origin}: stage {name!r} needs a 'type' (dotted class path)")
+        stage_class = import_stage_class(node["type"])
+        params = {k: v for k, v in node.items() if k not in _RESERVED_STAGE_KEYS}
+        role = node.get("model")
+        if role is not None and role not in models:
+            raise ConfigError(f"{origin}: stage {name!r} uses model role {role!r}; roles: {sorted(models)}")
+        inputs = {str(k): str(v) for k, v in (node.get("inputs") or {}).items()}
+        earlier = [s.name for s in stages]
+        for input_name, upstream in inputs.items():
+            if upstream not in earlier:
+                raise ConfigError(
+                    f"{origin}: stage {name!r} input {input_name!r} reads {upstream!r}, which is not an "
+                    f"earlier stage (earlier: {earlier})"
+                )
+        missing_inputs = sorted(set(stage_class.INPUTS) - set(inputs))
+        if missing_inputs:
+            raise ConfigError(f"{origin}: stage {name!r} ({node['type']}) needs inputs {missing_inputs}")
+        config_fields = {f.name for f in dataclasses.fields(stage_class.Config)} - {"model"}
+        unknown = sorted(set(params) - config_fields)
+        if unknown:
+            raise ConfigError(
+                f"{origin}: stage {name!r} has unknown parameters {unknown}; valid: {sorted(config_fields)}"
+            )
+        stages.append(StageSpec(name=str(name), type=node["type"], model_role=role, inputs=inputs, params=params))
+    answer = data.get("answer") or stages[-1].name
+    if answer not in {s.name for s in stages}:
+        raise ConfigError(f"{origin}: answer stage {answer!r} is not one of the stages")
+    spec = PipelineSpec(
+        name=str(data.get("name") or Path(origin).stem),
+        method=str(data.get("method") or ""),
+        description=str(data.get("description") or ""),
+        seed=int(data.get("seed", 42)),
+        models=models,
+        stages=tuple(stages),
+        answer=answer,
+        models_preset=data.get("models_preset"),
+        run=dict(data.get("run") or {}),
+    )
+    for stage in spec.stages:  # bind parameters now so type errors surface before any model loads
+        build_stage_config(spec, stage)
+    return spec
+
+
+def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
+    """The stage's frozen config dataclass, with the model role resolved and the pipeline seed applied."""
+    stage_class = import_stage_class(stage.type)
+    params = dict(stage.params)
+    if stage.model_role is not None:
+        params["model"] = spec.models[stage.model_role]
+    field_types = {f.name: f for f in dataclasses.fields(stage_class.Config)}
+    if "seed" in field_types and "seed" not in params:
+        params["seed"] = spec.seed
+    try:
+        config = stage_class.Config(**params)
+    except TypeError as error:
+        raise ConfigError(f"stage {stage.name!r}: {error}") from error
+    for f in dataclasses.fields(config):
+        _check_type(stage.name, f, getattr(config, f.name))
+    return config
+
+
+def _check_type(stage_name: str, f: dataclasses.Field, value: Any) -> None:
+    expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    checks = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    base = expected.replace(" | None", "")
+    if base in checks and not (value is None and "None" in expected):
+        if isinstance(value, bool) and base in ("int", "float"):
+            ok = False
+        else:
+            ok = isinstance(value, checks[base])
+        if not ok:
+            raise ConfigError(
+                f"stage {stage_name!r}: parameter {f.name!r} must be {base}, got {value!r} ({type(value).__name__})"
+            )

@@ -1,0 +1,207 @@
+"""``Pipeline``: a loaded config plus the runner, and the run folder it writes.
+
+    from capvqa import Pipeline, open_dataset
+    pipeline = Pipeline.from_yaml("pnp-vqa", overrides=["captioning.num_captions=20"], models="tiny")
+    result = pipeline.run(open_dataset("sample", limit=8), out_dir="runs/demo")
+
+The CLI's ``capvqa run`` is exactly this call. A run folder holds ``config.yaml`` (the resolved config,
+rerunnable with ``capvqa run runs/demo/config.yaml``), ``predictions.json`` (official results format),
+``records.jsonl`` (every intermediate per question), ``metrics.json`` (when the data is annotated) and
+``timings.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capvqa.data.items import VQAItem
+from capvqa.engine.codec import record_to_json
+from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec
+from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats
+from capvqa.engine.runtime import Runtime, make_runtime
+from capvqa.engine.store import CacheStore
+
+
+@dataclass
+class RunResult:
+    """What a run produced: answers by question id, metrics when annotated, per-stage timings."""
+
+    predictions: dict[Any, str]
+    metrics: dict[str, Any] | None
+    stage_stats: list[StageStats]
+    out_dir: Path | None
+    wall_seconds: float
+
+
+class Pipeline:
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+
+    @classmethod
+    def from_yaml(
+        cls, name_or_path: str | Path, overrides: Iterable[str] = (), models: str | None = None
+    ) -> Pipeline:
+        """Load ``pipelines/NAME.yaml`` (or a path), apply ``key=value`` overrides and a models preset."""
+        return cls(load_spec(name_or_path, tuple(overrides), models_preset=models))
+
+    def build_stages(self) -> list[BoundStage]:
+        """Instantiate every stage (configs only; weights load lazily on the first cache miss)."""
+        bound = []
+        for stage_spec in self.spec.stages:
+            stage_class = import_stage_class(stage_spec.type)
+            stage = stage_class(build_stage_config(self.spec, stage_spec))
+            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs))
+        return bound
+
+    def run(
+        self,
+        items: Iterable[VQAItem],
+        *,
+        out_dir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        runtime: Runtime | None = None,
+        progress: ProgressFactory | None = None,
+        run_settings: dict[str, Any] | None = None,
+        eval_options: dict[str, Any] | None = None,
+    ) -> RunResult:
+        """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset)."""
+        started = time.perf_counter()
+        runtime = runtime or make_runtime()
+        store = CacheStore(cache_dir)
+        runner = PipelineRunner(self.build_stages(), store, runtime, progress)
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            spec_dict = self.spec.to_dict()
+            spec_dict["run"] = {**(run_settings or {}), "device": str(runtime.device), "dtype": runtime.dtype_name}
+            _atomic_write(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
+
+        stats = [runner.run_stage(bound, items, total) for bound in runner.stages]
+
+        predictions: dict[Any, str] = {}
+        scored_items: list[VQAItem] = []
+        answer_stage = self.spec.answer
+        records_file = _AtomicFile(out / "records.jsonl") if out is not None else None
+        try:
+            for keyed, outputs in runner.results(items):
+                item = keyed.item
+                answer = outputs[answer_stage].answer
+                predictions[item.question_id] = answer
+                if item.is_annotated:
+                    scored_items.append(_without_image(item))
+                if records_file is not None:
+                    records_file.write(json.dumps(_record_line(item, answer, outputs), ensure_ascii=False) + "\n")
+            if records_file is not None:
+                records_file.commit()
+        finally:
+            if records_file is not None:
+                records_file.discard()
+
+        metrics = None
+        evaluation = None
+        if scored_items and len(scored_items) == len(predictions):
+            from capvqa.eval.accuracy import score_predictions
+            from capvqa.eval.lemmatize import make_lemmatizer
+
+            options = eval_options or {}
+            evaluation = score_predictions(
+                scored_items,
+                predictions,
+                variant=options.get("variant", "official"),
+                lemmatizer=make_lemmatizer(options.get("lemmatize", "none")),
+            )
+            metrics = evaluation.to_json()
+        wall = time.perf_counter() - started
+        if out is not None:
+            from capvqa.eval.predictions import write_predictions
+
+            write_predictions(out / "predictions.json", predictions)
+            if metrics is not None:
+                _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+            timings = {
+                "pipeline": self.spec.name,
+                "device": str(runtime.device),
+                "dtype": runtime.dtype_name,
+                "host": platform.node(),
+                "num_questions": len(predictions),
+                "total_seconds": round(wall, 4),
+                "stages": {s.name: s.to_json() for s in stats},
+            }
+            if evaluation is not None:
+                timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
+            _atomic_write(out / "timings.json", json.dumps(timings, indent=2))
+        store.close()
+        return RunResult(predictions=predictions, metrics=metrics, stage_stats=stats, out_dir=out, wall_seconds=wall)
+
+
+def _without_image(item: VQAItem) -> VQAItem:
+    """Scoring needs no pixels; dropping embedded image bytes keeps memory flat on HF datasets."""
+    from dataclasses import replace
+
+    from capvqa.data.items import ImageRef
+
+    if item.image.data is None:
+        return item
+    return replace(item, image=ImageRef(path=Path(f"<embedded:{item.image_id}>")))
+
+
+def _record_line(item: VQAItem, answer: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "question_id": item.question_id,
+        "image_id": item.image_id,
+        "question": item.question,
+        "answer": answer,
+    }
+    if item.is_annotated:
+        from capvqa.eval.normalize import question_accuracy
+
+        line["gt_answers"] = list(item.answers)
+        line["answer_type"] = item.answer_type
+        line["question_type"] = item.question_type
+        line["accuracy"] = round(100 * question_accuracy(answer, item.answers), 2)
+    line["stages"] = {name: record_to_json(record) for name, record in outputs.items()}
+    return line
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    handle = _AtomicFile(path)
+    try:
+        handle.write(text)
+        handle.commit()
+    finally:
+        handle.discard()
+
+
+class _AtomicFile:
+    """Write to a temporary file beside ``path`` and rename it into place on commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        self._tmp = Path(name)
+        self._handle = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, text: str) -> None:
+        self._handle.write(text)
+
+    def commit(self) -> None:
+        self._handle.close()
+        os.chmod(self._tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+        if self._tmp.exists():
+            self._tmp.unlink()

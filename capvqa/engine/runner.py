@@ -1,0 +1,256 @@
+"""The generic cached runner: for each stage, look up every item, run only the misses in sorted
+batches, commit each batch atomically.
+
+Stages run one after another over the whole dataset (stage-major): only one stage's model is in memory
+at a time, each stage batches freely, and a later stage reads its inputs back from the cache. Items are
+streamed in windows, so memory does not grow with the dataset. A crash loses at most the batch in
+flight; a rerun finds everything else in the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from capvqa.data.items import VQAItem
+from capvqa.engine.codec import decode_record, encode_record
+from capvqa.engine.keys import item_fingerprint, sha256_hex, stage_fingerprint, stage_item_key
+from capvqa.engine.runtime import Runtime
+from capvqa.engine.stage import StageInput, semantic_config
+from capvqa.engine.store import CacheStore
+
+log = logging.getLogger(__name__)
+
+WINDOW_BATCHES = 16
+
+
+@dataclass
+class BoundStage:
+    """A stage object placed in a pipeline: its name there, where its inputs come from, its key part."""
+
+    name: str
+    stage: Any
+    inputs: dict[str, str]
+    fingerprint: str
+
+    @classmethod
+    def create(cls, name: str, stage: Any, inputs: dict[str, str]) -> BoundStage:
+        from capvqa.models.loading import ModelRef, model_fingerprint
+
+        config = stage.config
+        models = {
+            field_name: model_fingerprint(ModelRef(getattr(config, field_name), getattr(config, "revision", None)))
+            for field_name in stage.MODEL_FIELDS
+        }
+        fingerprint = stage_fingerprint(f"{stage.NAME}", stage.VERSION, semantic_config(config), models)
+        return cls(name=name, stage=stage, inputs=dict(inputs), fingerprint=fingerprint)
+
+
+@dataclass
+class StageStats:
+    name: str
+    stage_type: str
+    items: int = 0
+    computed: int = 0
+    cached: int = 0
+    batches: int = 0
+    setup_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        per_item = self.compute_seconds / self.computed if self.computed else None
+        return {
+            "stage": self.stage_type,
+            "items": self.items,
+            "computed": self.computed,
+            "cached": self.cached,
+            "batches": self.batches,
+            "setup_seconds": round(self.setup_seconds, 4),
+            "compute_seconds": round(self.compute_seconds, 4),
+            "wall_seconds": round(self.wall_seconds, 4),
+            "seconds_per_computed_item": round(per_item, 6) if per_item is not None else None,
+            "computed_items_per_second": round(self.computed / self.compute_seconds, 4)
+            if self.compute_seconds > 0
+            else None,
+        }
+
+
+@dataclass
+class KeyedItem:
+    item: VQAItem
+    image_hash: str
+    item_key: str
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+class ImageHasher:
+    """Content hashes of images, memoised in the cache by (path, size, mtime) for files."""
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+        self._recent: dict[str, str] = {}
+
+    def __call__(self, item: VQAItem) -> str:
+        from capvqa.data.images import image_content_hash
+
+        ref = item.image
+        if ref.data is not None:
+            return sha256_hex(ref.data)
+        path = str(ref.path)
+        if path in self._recent:
+            return self._recent[path]
+        try:
+            stat = ref.path.stat()  # type: ignore[union-attr]
+        except OSError:
+            return image_content_hash(ref)  # raises the loader's clear error for a missing file
+        digest = self.store.lookup_image_hash(path, stat.st_size, stat.st_mtime_ns)
+        if digest is None:
+            digest = image_content_hash(ref)
+            self.store.remember_image_hash(path, stat.st_size, stat.st_mtime_ns, digest)
+        if len(self._recent) > 4096:
+            self._recent.clear()
+        self._recent[path] = digest
+        return digest
+
+
+def windows(items: Iterable[VQAItem], size: int) -> Iterator[list[VQAItem]]:
+    window: list[VQAItem] = []
+    for item in items:
+        window.append(item)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+ProgressFactory = Callable[[str, int | None], Any]
+
+
+class _NullProgress:
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class PipelineRunner:
+    """Runs bound stages over a re-iterable item collection with the cache."""
+
+    def __init__(
+        self,
+        stages: Sequence[BoundStage],
+        store: CacheStore,
+        runtime: Runtime,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.stages = list(stages)
+        self.store = store
+        self.runtime = runtime
+        self.progress = progress or (lambda _name, _total: _NullProgress())
+        self.hasher = ImageHasher(store)
+        self._by_name = {s.name: s for s in self.stages}
+
+    def keyed(self, item: VQAItem) -> KeyedItem:
+        image_hash = self.hasher(item)
+        item_key = item_fingerprint(image_hash, item.question)
+        keyed = KeyedItem(item=item, image_hash=image_hash, item_key=item_key)
+        for bound in self.stages:
+            upstream = {name: keyed.keys[source] for name, source in bound.inputs.items()}
+            keyed.keys[bound.name] = stage_item_key(bound.fingerprint, item_key, upstream)
+        return keyed
+
+    def run_stage(self, bound: BoundStage, items: Iterable[VQAItem], total: int | None = None) -> StageStats:
+        stage = bound.stage
+        stats = StageStats(name=bound.name, stage_type=f"{stage.NAME}@{stage.VERSION}")
+        batch_size = max(1, int(getattr(stage.config, "batch_size", 8)))
+        started = time.perf_counter()
+        ready = False
+        bar = self.progress(bound.name, total)
+        try:
+            for window in windows(items, batch_size * WINDOW_BATCHES):
+                keyed = [self.keyed(item) for item in window]
+                present = self.store.existing_keys([k.keys[bound.name] for k in keyed])
+                misses = [k for k in keyed if k.keys[bound.name] not in present]
+                stats.items += len(keyed)
+                stats.cached += len(keyed) - len(misses)
+                bar.advance(len(keyed) - len(misses))
+                if not misses:
+                    continue
+                if not ready:
+                    setup_started = time.perf_counter()
+                    stage.setup(self.runtime)
+                    stats.setup_seconds = time.perf_counter() - setup_started
+                    ready = True
+                inputs = self._stage_inputs(bound, misses)
+                cost = getattr(stage, "cost", None)
+                order = sorted(range(len(inputs)), key=lambda i: -cost(inputs[i])) if cost else list(range(len(inputs)))
+                for start in range(0, len(order), batch_size):
+                    chosen = order[start : start + batch_size]
+                    batch = [inputs[i] for i in chosen]
+                    compute_started = time.perf_counter()
+                    outputs = stage.run(batch)
+                    stats.compute_seconds += time.perf_counter() - compute_started
+                    if len(outputs) != len(batch):
+                        raise RuntimeError(f"stage {bound.name} returned {len(outputs)} results for {len(batch)} items")
+                    self.store.put_many(
+                        stage.NAME,
+                        [(misses[i].keys[bound.name], *encode_record(out)) for i, out in zip(chosen, outputs)],
+                    )
+                    stats.computed += len(batch)
+                    stats.batches += 1
+                    bar.advance(len(batch))
+        finally:
+            bar.close()
+            if ready:
+                stage.cleanup()
+        stats.wall_seconds = time.perf_counter() - started
+        log.info("%s: %d items (%d computed, %d cached) in %.1fs", bound.name, stats.items, stats.computed,
+                 stats.cached, stats.wall_seconds)
+        return stats
+
+    def _stage_inputs(self, bound: BoundStage, misses: list[KeyedItem]) -> list[StageInput]:
+        upstream_values: dict[str, dict[str, Any]] = {}
+        for input_name, source in bound.inputs.items():
+            keys = [k.keys[source] for k in misses]
+            found = self.store.get_many(keys)
+            output_type = self._by_name[source].stage.Output
+            decoded: dict[str, Any] = {}
+            for k in misses:
+                key = k.keys[source]
+                if key not in found:
+                    raise RuntimeError(
+                        f"stage {bound.name}: the {source} result of question {k.item.question_id} is not in "
+                        "the cache; run the pipeline's stages in order"
+                    )
+                decoded[key] = decode_record(output_type, *found[key])
+            upstream_values[input_name] = decoded
+        return [
+            StageInput(
+                item=k.item,
+                item_key=k.item_key,
+                image_hash=k.image_hash,
+                upstream={name: upstream_values[name][k.keys[source]] for name, source in bound.inputs.items()},
+            )
+            for k in misses
+        ]
+
+    def results(self, items: Iterable[VQAItem], window: int = 256) -> Iterator[tuple[KeyedItem, dict[str, Any]]]:
+        """Every item with every stage's cached result, in input order (after all stages have run)."""
+        for chunk in windows(items, window):
+            keyed = [self.keyed(item) for item in chunk]
+            wanted = [k.keys[s.name] for k in keyed for s in self.stages]
+            found = self.store.get_many(wanted)
+            for k in keyed:
+                outputs = {}
+                for bound in self.stages:
+                    key = k.keys[bound.name]
+                    if key not in found:
+                        raise RuntimeError(f"question {k.item.question_id}: stage {bound.name} has no result")
+                    outputs[bound.name] = decode_record(bound.stage.Output, *found[key])
+                yield k, outputs

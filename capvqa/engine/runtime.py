@@ -1,0 +1,58 @@
+"""Device and dtype, chosen once per run: cuda > mps > cpu; bf16/fp16 on GPU, fp32 on CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from capvqa.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision models run. Not part of any cache key (results are meant to be
+    device-independent up to floating-point noise)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    if requested in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise ConfigError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    if requested not in (None, "", "auto"):
+        if requested not in _DTYPES:
+            raise ConfigError(f"unknown dtype {requested!r}: use one of auto, {', '.join(sorted(_DTYPES))}")
+        return _DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def make_runtime(device: str | None = None, dtype: str | None = None) -> Runtime:
+    resolved = resolve_device(device)
+    return Runtime(device=resolved, dtype=resolve_dtype(resolved, dtype))

@@ -1,0 +1,71 @@
+"""The stage interface every pipeline step implements.
+
+A stage is a frozen dataclass config plus a class with ``setup(runtime)`` (load weights once),
+``run(batch)`` (one output record per input, aligned) and ``cleanup()``. The engine (``runner.py``)
+owns caching, batching, ordering and progress; stages only compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from capvqa.data.items import VQAItem
+from capvqa.engine.runtime import Runtime
+
+
+def non_semantic(default: Any) -> Any:
+    """Mark a config field that cannot change results (batch sizes, chunking): it stays out of the
+    cache key, so changing it never recomputes anything."""
+    return field(default=default, metadata={"semantic": False})
+
+
+def semantic_config(config: Any) -> dict[str, Any]:
+    """The config fields that can change a stage's output (what goes into its cache key)."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.metadata.get("semantic", True)
+    }
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """One item as a stage sees it: the dataset record, its cache identity, and upstream results.
+
+    ``item_key`` identifies (image content, question); stages derive per-item random streams from it so
+    an item's result does not depend on which items share its batch.
+    """
+
+    item: VQAItem
+    item_key: str
+    image_hash: str
+    upstream: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """What the engine needs from a stage.
+
+    Class attributes: ``NAME`` (the cache namespace, shared by every pipeline that uses the stage),
+    ``VERSION`` (bump to invalidate old cache entries on purpose), ``INPUTS`` (names of the upstream
+    results ``run`` reads from ``StageInput.upstream``), ``Output`` (the record dataclass) and
+    ``MODEL_FIELDS`` (config fields that hold model ids; their resolved revisions enter the cache key).
+    Every config has a non-semantic ``batch_size``. A stage may define ``cost(input) -> int``; the engine
+    then runs the longest items first, so padding is small and an out-of-memory error shows at once.
+    """
+
+    NAME: ClassVar[str]
+    VERSION: ClassVar[str]
+    INPUTS: ClassVar[tuple[str, ...]]
+    MODEL_FIELDS: ClassVar[tuple[str, ...]]
+    Output: ClassVar[type]
+    config: Any
+
+    def setup(self, runtime: Runtime) -> None: ...
+
+    def run(self, batch: Sequence[StageInput]) -> list[Any]: ...
+
+    def cleanup(self) -> None: ...
