@@ -1,0 +1,200 @@
+"""Question-guided patch captioning with the BLIP captioner (PNP-VQA, SPEC §1).
+
+Each distinct image is encoded once. For every caption draw, ``num_patches`` patch embeddings are
+sampled by relevance and fed alone as the decoder's cross-attention memory; all draws of all items in a
+batch decode together in a few ``generate`` calls (KV cache on). Sampling randomness is per item and per
+draw (:mod:`capvqa.stages.seeded_sampling`), so an item's captions do not depend on its batch.
+
+Distinct-caption filling follows LAVIS -- each round draws ``num_captions`` candidates per unfinished
+item and keeps those that are not a substring of a caption already kept -- with a cap on the number of
+rounds (LAVIS loops forever on degenerate models); how many rounds and draws ran is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from capvqa.engine.runtime import Runtime
+from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.models.loading import ModelRef, load_model, load_processor
+from capvqa.stages.images import distinct_images
+from capvqa.stages.patch_sampling import item_rng, sample_patch_sets
+from capvqa.stages.seeded_sampling import SeededSamplingProcessor, row_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchCaptioningConfig:
+    model: str = "Salesforce/blip-image-captioning-large"
+    revision: str | None = None
+    prompt: str = "a picture of "
+    num_captions: int = 100
+    num_patches: int = 20
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    min_length: int = 10  # counts the prompt tokens ([DEC] a picture of), as in LAVIS
+    max_length: int = 20
+    max_rounds: int = 10
+    seed: int = 42
+    batch_size: int = non_semantic(8)
+    max_rows_per_generate: int = non_semantic(1600)
+
+
+@dataclass(frozen=True)
+class Captions:
+    """Distinct question-guided captions of one item, in the order they were kept."""
+
+    captions: list[str]
+    rounds: int
+    draws: int
+    patches_per_caption: int
+
+
+class PatchCaptioning:
+    NAME: ClassVar[str] = "patch_captioning"
+    VERSION: ClassVar[str] = "1"
+    INPUTS: ClassVar[tuple[str, ...]] = ("relevance",)
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    Config = PatchCaptioningConfig
+    Output = Captions
+
+    def __init__(self, config: PatchCaptioningConfig | None = None, **overrides: Any) -> None:
+        self.config = config or PatchCaptioningConfig(**overrides)
+        self._model: Any = None
+
+    def setup(self, runtime: Runtime) -> None:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        ref = ModelRef(self.config.model, self.config.revision)
+        self.runtime = runtime
+        self.processor = load_processor(BlipProcessor, ref)
+        self._model = load_model(BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype)
+        tokenizer = self.processor.tokenizer
+        text_config = self._model.config.text_config
+        prompt_ids = tokenizer(self.config.prompt, add_special_tokens=True)["input_ids"]
+        # HF BLIP: [CLS] prompt [SEP] -> [DEC] prompt (the decoder's BOS replaces CLS, SEP dropped)
+        self.prompt_ids = [text_config.bos_token_id, *prompt_ids[1:-1]]
+        self.eos_id = text_config.sep_token_id
+        self.pad_id = text_config.pad_token_id
+        vision = self._model.config.vision_config
+        self.num_image_patches = (vision.image_size // vision.patch_size) ** 2
+        log.info("captioning: BLIP %s, %d captions x %d patches per question",
+                 self.config.model, self.config.num_captions, self.config.num_patches)
+
+    def cost(self, entry: StageInput) -> int:
+        return len(entry.item.question)
+
+    def run(self, batch: Sequence[StageInput]) -> list[Captions]:
+        cfg = self.config
+        images, image_index = distinct_images(batch)
+        relevance = [np.asarray(entry.upstream["relevance"].relevance) for entry in batch]
+        for entry, weights in zip(batch, relevance):
+            if weights.shape[0] != self.num_image_patches:
+                raise ValueError(
+                    f"question {entry.item.question_id}: relevance has {weights.shape[0]} patches but the "
+                    f"captioner's ViT has {self.num_image_patches}; matching and captioning models must "
+                    "share the image size and patch size"
+                )
+        with torch.inference_mode():
+            pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            image_embeds = self._model.vision_model(
+                pixel_values=pixel_values.to(self.runtime.device, self.runtime.dtype)
+            )[0]
+
+        rngs = [item_rng(cfg.seed, entry.item_key, "patches") for entry in batch]
+        kept: list[list[str]] = [[] for _ in batch]
+        draws = [0] * len(batch)
+        rounds = [0] * len(batch)
+        patches_used = [0] * len(batch)
+        for round_index in range(cfg.max_rounds):
+            active = [i for i in range(len(batch)) if len(kept[i]) < cfg.num_captions]
+            if not active:
+                break
+            rows_item, rows_patches, rows_seed = [], [], []
+            for i in active:
+                patch_sets = sample_patch_sets(relevance[i], cfg.num_patches, cfg.num_captions, rngs[i])
+                patches_used[i] = patch_sets.shape[1]
+                for d in range(cfg.num_captions):
+                    rows_item.append(i)
+                    rows_patches.append(patch_sets[d])
+                    rows_seed.append(row_seed(cfg.seed, batch[i].item_key, round_index * cfg.num_captions + d))
+                rounds[i] += 1
+                draws[i] += cfg.num_captions
+            texts = self._decode_rows(image_embeds, image_index, rows_item, rows_patches, rows_seed)
+            for i, caption in zip(rows_item, texts):
+                if len(kept[i]) >= cfg.num_captions or not caption:
+                    continue
+                if not any(caption in previous for previous in kept[i]):
+                    kept[i].append(caption)
+        return [
+            Captions(captions=kept[i], rounds=rounds[i], draws=draws[i], patches_per_caption=patches_used[i])
+            for i in range(len(batch))
+        ]
+
+    def _decode_rows(
+        self,
+        image_embeds: torch.Tensor,
+        image_index: list[int],
+        rows_item: list[int],
+        rows_patches: list[np.ndarray],
+        rows_seed: list[int],
+    ) -> list[str]:
+        """Caption every row (one patch subset each) in chunks of ``max_rows_per_generate``."""
+        texts: list[str] = []
+        step = self.config.max_rows_per_generate
+        for start in range(0, len(rows_item), step):
+            stop = start + step
+            texts.extend(
+                self._generate(image_embeds, image_index, rows_item[start:stop], rows_patches[start:stop],
+                               rows_seed[start:stop])
+            )
+        return texts
+
+    def _generate(self, image_embeds, image_index, rows_item, rows_patches, rows_seed) -> list[str]:
+        cfg, device = self.config, self.runtime.device
+        num_rows = len(rows_item)
+        width = max(len(p) for p in rows_patches)
+        # gather each row's patch embeddings (+1 skips the image CLS token); pad ragged rows and mask them
+        gather_index = torch.zeros((num_rows, width), dtype=torch.long)
+        memory_mask = torch.zeros((num_rows, width), dtype=torch.long)
+        for r, patches in enumerate(rows_patches):
+            gather_index[r, : len(patches)] = torch.from_numpy(patches + 1)
+            memory_mask[r, : len(patches)] = 1
+        row_images = torch.as_tensor([image_index[i] for i in rows_item], device=device)
+        memory = image_embeds[row_images[:, None], gather_index.to(device)]
+        prompt_length = len(self.prompt_ids)
+        input_ids = torch.tensor([self.prompt_ids] * num_rows, device=device)
+        sampler = SeededSamplingProcessor(np.asarray(rows_seed, dtype=np.uint64), prompt_length, cfg.top_k, cfg.top_p)
+        from transformers import LogitsProcessorList
+
+        with torch.inference_mode():
+            output = self._model.text_decoder.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask.to(device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max(cfg.max_length - prompt_length, 0),
+                min_new_tokens=max(cfg.min_length - prompt_length, 0),
+                repetition_penalty=cfg.repetition_penalty,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList([sampler]),
+            )
+        decoded = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+        prefix = self.config.prompt.strip()
+        return [(text[len(prefix):] if text.startswith(prefix) else text).strip() for text in decoded]
+
+    def cleanup(self) -> None:
+        self._model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

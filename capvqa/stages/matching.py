@@ -1,0 +1,161 @@
+"""Question-image patch matching: GradCAM relevance on BLIP's ITM head (PNP-VQA, SPEC §1).
+
+Cost structure: the ViT runs once per distinct image without gradient; only the text encoder runs with
+autograd, and only the gradient at one cross-attention map is requested (``torch.autograd.grad``), so
+backward never touches the vision encoder or any weight gradient -- the relevance is identical to a
+full backward pass at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from capvqa.engine.runtime import Runtime
+from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.models.loading import ModelRef, load_model, load_processor
+from capvqa.stages.gradcam import gradcam_patch_relevance
+from capvqa.stages.images import distinct_images
+from capvqa.stages.text import matching_text
+
+log = logging.getLogger(__name__)
+
+BLIP_ENC_TOKEN_ID = 30523
+
+
+@dataclass(frozen=True)
+class GradCamMatchingConfig:
+    model: str = "Salesforce/blip-itm-large-coco"
+    revision: str | None = None
+    block_num: int = 7
+    max_text_tokens: int = 35
+    max_question_words: int = 50
+    enc_token_id: int | None = None  # None: the tokenizer's [ENC], else 30523 (BLIP's vocabulary)
+    batch_size: int = non_semantic(16)
+
+
+@dataclass(frozen=True)
+class PatchRelevance:
+    """GradCAM relevance of each image patch to the question (row-major over the patch grid)."""
+
+    relevance: np.ndarray  # (P,) float32, unnormalised
+    grid: list[int]  # [rows, cols]
+    matching_text: str
+    match_logit: float
+
+
+class GradCamMatching:
+    NAME: ClassVar[str] = "gradcam_matching"
+    VERSION: ClassVar[str] = "1"
+    INPUTS: ClassVar[tuple[str, ...]] = ()
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    Config = GradCamMatchingConfig
+    Output = PatchRelevance
+
+    def __init__(self, config: GradCamMatchingConfig | None = None, **overrides: Any) -> None:
+        self.config = config or GradCamMatchingConfig(**overrides)
+        self._model: Any = None
+
+    def setup(self, runtime: Runtime) -> None:
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        ref = ModelRef(self.config.model, self.config.revision)
+        self.runtime = runtime
+        self.processor = load_processor(BlipProcessor, ref)
+        self._model = load_model(BlipForImageTextRetrieval, ref, device=runtime.device, dtype=runtime.dtype)
+        text_config = self._model.config.text_config
+        if not 0 <= self.config.block_num < text_config.num_hidden_layers:
+            raise ValueError(
+                f"block_num {self.config.block_num} is outside the text encoder's "
+                f"{text_config.num_hidden_layers} layers"
+            )
+        vision = self._model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.grid = [side, side]
+        self.enc_token_id = self._resolve_enc_token_id(text_config.vocab_size)
+        log.info("matching: BLIP ITM %s, cross-attention layer %d, %dx%d patches",
+                 self.config.model, self.config.block_num, side, side)
+
+    def _resolve_enc_token_id(self, vocab_size: int) -> int:
+        if self.config.enc_token_id is not None:
+            return self.config.enc_token_id
+        tokenizer = self.processor.tokenizer
+        token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return int(token_id)
+        if vocab_size > BLIP_ENC_TOKEN_ID:
+            return BLIP_ENC_TOKEN_ID
+        raise ValueError(
+            "the ITM tokenizer has no [ENC] token and the vocabulary is smaller than BLIP's; set "
+            "matching.enc_token_id explicitly"
+        )
+
+    def cost(self, entry: StageInput) -> int:
+        return len(entry.item.question)
+
+    def run(self, batch: Sequence[StageInput]) -> list[PatchRelevance]:
+        images, image_index = distinct_images(batch)
+        texts = [matching_text(entry.item.question, self.config.max_question_words) for entry in batch]
+        relevance, logits = self.relevance(images, image_index, texts)
+        return [
+            PatchRelevance(relevance=relevance[i], grid=list(self.grid), matching_text=texts[i],
+                           match_logit=float(logits[i]))
+            for i in range(len(batch))
+        ]
+
+    def relevance(
+        self, images: list, image_index: list[int], texts: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """GradCAM relevance (len(texts), P) and ITM match logits for each (image, text) pair."""
+        model, device = self._model, self.runtime.device
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        tokens = self.processor.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
+        )
+        input_ids = tokens["input_ids"].to(device)
+        input_ids[:, 0] = self.enc_token_id  # BLIP ITM encodes text with [ENC], not [CLS]
+        text_mask = tokens["attention_mask"].to(device)
+
+        with torch.inference_mode():
+            unique_embeds = model.vision_model(pixel_values=pixel_values.to(device, self.runtime.dtype))[0]
+        image_embeds = unique_embeds[torch.as_tensor(image_index, device=device)].clone()
+        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)
+
+        captured: dict[str, torch.Tensor] = {}
+        attention_module = model.text_encoder.encoder.layer[self.config.block_num].crossattention.self
+
+        def keep_probs(_module: Any, _args: Any, output: Any) -> None:
+            captured["probs"] = output[1]
+
+        hook = attention_module.register_forward_hook(keep_probs)
+        try:
+            with torch.enable_grad():
+                # a leaf that requires grad puts the cross-attention maps on the autograd tape; it is
+                # never differentiated itself, so no ViT or weight gradients are computed
+                image_embeds.requires_grad_(True)
+                text_out = model.text_encoder(
+                    input_ids=input_ids,
+                    attention_mask=text_mask,
+                    encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=image_mask,
+                )
+                logits = model.itm_head(text_out[0][:, 0, :])
+                probs = captured["probs"]
+                (gradient,) = torch.autograd.grad(logits[:, 1].sum(), probs)
+        finally:
+            hook.remove()
+        relevance = gradcam_patch_relevance(probs.detach().float(), gradient.float(), text_mask)
+        return (
+            relevance.cpu().numpy().astype(np.float32),
+            logits[:, 1].detach().float().cpu().numpy(),
+        )
+
+    def cleanup(self) -> None:
+        self._model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

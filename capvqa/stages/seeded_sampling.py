@@ -1,0 +1,79 @@
+"""Top-k / top-p sampling whose randomness belongs to each sequence, not to the batch.
+
+Hugging Face ``generate(do_sample=True)`` draws from the global torch generator, so a caption depends on
+every other row in the batch (and on batch size, GPU count, resumption). Here each row carries a 64-bit
+seed; the uniform number for row r at step t is a counter-based hash of (seed_r, t), and the token is
+chosen by inverse-CDF over the filtered distribution. The logits processor then leaves only that token
+finite, and greedy decoding picks it: same distribution as sampling, batch-independent results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def row_seed(seed: int, item_key: str, draw: int) -> int:
+    """The 64-bit seed of one sampled sequence (one caption draw of one item)."""
+    digest = hashlib.sha256(f"{seed}\0{item_key}\0caption\0{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (values + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return z ^ (z >> np.uint64(31))
+
+
+def step_uniforms(seeds: np.ndarray, step: int) -> np.ndarray:
+    """Uniform numbers in [0, 1), one per row, a pure function of (row seed, step)."""
+    with np.errstate(over="ignore"):
+        mixed = _splitmix64(seeds.astype(np.uint64) ^ _splitmix64(np.full(seeds.shape, step, dtype=np.uint64)))
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def choose_tokens(scores: torch.Tensor, uniforms: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Token ids (rows,) drawn by inverse CDF from top-k/top-p filtered softmax(scores)."""
+    k = min(top_k, scores.shape[-1]) if top_k > 0 else scores.shape[-1]
+    top_scores, top_ids = scores.float().topk(k, dim=-1)  # sorted descending
+    probs = torch.softmax(top_scores, dim=-1)
+    if top_p < 1.0:
+        cumulative = probs.cumsum(dim=-1)
+        keep = (cumulative - probs) < top_p  # always keeps the most likely token
+        probs = probs * keep
+    cdf = probs.cumsum(dim=-1)
+    targets = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    position = torch.searchsorted(cdf, targets, right=True).clamp(max=k - 1)
+    # skip zero-probability tails that searchsorted can land on through rounding
+    position = torch.minimum(position, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    return top_ids.gather(-1, position).squeeze(-1)
+
+
+class SeededSamplingProcessor:
+    """A ``generate`` logits processor implementing per-row seeded top-k/top-p sampling.
+
+    Use with ``do_sample=False``; it must run after the length/penalty processors, which is where
+    ``generate`` appends user processors.
+    """
+
+    def __init__(self, seeds: np.ndarray, prompt_length: int, top_k: int, top_p: float) -> None:
+        self.seeds = np.asarray(seeds, dtype=np.uint64)
+        self.prompt_length = prompt_length
+        self.top_k = top_k
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[0] != self.seeds.shape[0]:
+            raise RuntimeError("seeded sampling expects one seed per generated row (no beams, no expansion)")
+        step = input_ids.shape[1] - self.prompt_length
+        uniforms = torch.from_numpy(step_uniforms(self.seeds, step)).to(scores.device)
+        tokens = choose_tokens(scores, uniforms, self.top_k, self.top_p)
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, tokens[:, None], 0.0)
+        return forced

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from capvqa.stages.seeded_sampling import choose_tokens, row_seed, step_uniforms
+
+
+def test_uniforms_are_deterministic_and_spread():
+    seeds = np.array([row_seed(42, "item", d) for d in range(5000)], dtype=np.uint64)
+    u0 = step_uniforms(seeds, 0)
+    assert ((u0 >= 0) & (u0 < 1)).all()
+    assert (u0 == step_uniforms(seeds, 0)).all()
+    assert not np.allclose(u0, step_uniforms(seeds, 1))
+    assert abs(u0.mean() - 0.5) < 0.02 and abs(u0.std() - 0.2887) < 0.02
+
+
+def test_top_k_one_is_greedy():
+    scores = torch.randn(8, 30)
+    chosen = choose_tokens(scores, torch.rand(8, dtype=torch.float64), top_k=1, top_p=1.0)
+    assert (chosen == scores.argmax(-1)).all()
+
+
+def test_sampling_follows_the_top_k_distribution():
+    scores = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0]).repeat(20000, 1)
+    seeds = np.array([row_seed(0, "dist", d) for d in range(20000)], dtype=np.uint64)
+    chosen = choose_tokens(scores, torch.from_numpy(step_uniforms(seeds, 3)), top_k=3, top_p=1.0)
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.5]), 0)
+    observed = torch.bincount(chosen, minlength=5).float() / 20000
+    assert observed[3:].sum() == 0  # outside the top k
+    torch.testing.assert_close(observed[:3], expected, atol=0.015, rtol=0)
+
+
+def test_top_p_cuts_the_tail():
+    scores = torch.log(torch.tensor([0.6, 0.3, 0.1])).repeat(3000, 1)
+    u = torch.linspace(0, 0.999, 3000, dtype=torch.float64)
+    chosen = choose_tokens(scores, u, top_k=0, top_p=0.8)
+    assert set(chosen.tolist()) == {0, 1}
+
+
+def test_masked_tokens_are_never_chosen():
+    scores = torch.randn(500, 10)
+    scores[:, 4] = float("-inf")  # e.g. EOS banned by min_length
+    chosen = choose_tokens(scores, torch.rand(500, dtype=torch.float64), top_k=50, top_p=1.0)
+    assert (chosen != 4).all()
