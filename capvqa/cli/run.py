@@ -1,0 +1,115 @@
+"""``capvqa run PIPELINE --dataset ...``: run a pipeline and write a run folder."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from capvqa.cli.console import console, err_console
+
+
+def run(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name (pipelines/NAME.yaml), a config path, or a run folder's config.yaml.")],
+    dataset: Annotated[Optional[str], typer.Option(help="sample | vqav2 | okvqa | hf:NAME_OR_PATH | path to a folder laid out like data/sample.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split (e.g. val2014).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Where `capvqa data download` put vqav2/okvqa/coco.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
+    question_ids: Annotated[Optional[str], typer.Option(help="Comma-separated question ids to run.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/PIPELINE-TIMESTAMP).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Items per batch for every stage.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of every random stage (default 42).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache directory (default ~/.cache/capvqa/cache).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: stage.param=value, models.ROLE=ID, seed=N.")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Model preset for every role: hub (config's ids) or tiny (offline random tiny models).")] = None,
+    lemmatize: Annotated[Optional[str], typer.Option(help="Lemmatise predictions before scoring (OK-VQA option): none | auto | spacy | rule.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Run PIPELINE over a dataset and write config.yaml, predictions.json, records.jsonl, metrics.json,
+    timings.json into the run folder."""
+    import yaml
+
+    from capvqa.cli.progress import stage_progress
+    from capvqa.data.datasets import open_dataset
+    from capvqa.engine.config import _locate
+    from capvqa.engine.pipeline import Pipeline
+    from capvqa.engine.runtime import make_runtime
+    from capvqa.errors import ConfigError
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per stage is ours; per-file loading bars are noise
+    saved = {}
+    config_path = _locate(pipeline)
+    if config_path.suffix in (".yaml", ".yml"):
+        saved = (yaml.safe_load(config_path.read_text()) or {}).get("run") or {}
+    settings = {
+        "dataset": dataset or saved.get("dataset"),
+        "split": split or saved.get("split"),
+        "data_root": str(data_root) if data_root else saved.get("data_root"),
+        "limit": limit if limit is not None else saved.get("limit"),
+        "question_ids": _parse_ids(question_ids) if question_ids else saved.get("question_ids"),
+        "batch_size": batch_size or saved.get("batch_size"),
+        "lemmatize": lemmatize or saved.get("lemmatize") or "none",
+    }
+    if not settings["dataset"]:
+        raise ConfigError("--dataset is required (sample, vqav2, okvqa, hf:NAME or a folder)")
+    overrides = list(set_ or [])
+    if seed is not None:
+        overrides.insert(0, f"seed={seed}")
+    if settings["batch_size"]:
+        overrides = _batch_size_overrides(config_path, settings["batch_size"]) + overrides
+    pipe = Pipeline.from_yaml(config_path, overrides=overrides, models=models)
+    if pipe.spec.models_preset == "tiny":
+        err_console.print(
+            "[yellow]--models tiny: random-weight tiny models. The answers and accuracy are meaningless; "
+            "this run only exercises the pipeline end to end.[/]"
+        )
+    data = open_dataset(
+        settings["dataset"], split=settings["split"],
+        data_root=Path(settings["data_root"]) if settings["data_root"] else None,
+        limit=settings["limit"], question_ids=settings["question_ids"],
+    )
+    out_dir = out or Path("runs") / f"{pipe.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runtime = make_runtime(device or saved.get("device_request"), dtype or saved.get("dtype_request"))
+    run_settings = {k: v for k, v in settings.items() if v is not None}
+    run_settings.update({"device_request": device or "auto", "dtype_request": dtype or "auto"})
+    if cache_dir:
+        run_settings["cache_dir"] = str(cache_dir)
+    with stage_progress(enabled=not quiet) as progress:
+        result = pipe.run(
+            data, out_dir=out_dir, cache_dir=cache_dir, runtime=runtime, progress=progress,
+            run_settings=run_settings, eval_options={"lemmatize": settings["lemmatize"]},
+        )
+    _print_summary(result, pipe.spec.name)
+
+
+def _parse_ids(text: str) -> list[int | str]:
+    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in text.split(",") if t.strip()]
+
+
+def _batch_size_overrides(config_path: Path, batch_size: int) -> list[str]:
+    from capvqa.engine.config import _load_raw
+
+    stages = _load_raw(config_path).get("stages") or {}
+    return [f"{name}.batch_size={batch_size}" for name in stages]
+
+
+def _print_summary(result, name: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{name}: {len(result.predictions)} questions in {result.wall_seconds:.1f}s")
+    for column in ("stage", "computed", "cached", "s / computed item", "wall s"):
+        table.add_column(column, justify="right" if column != "stage" else "left")
+    for stats in result.stage_stats:
+        per = f"{stats.compute_seconds / stats.computed:.3f}" if stats.computed else "-"
+        table.add_row(stats.name, str(stats.computed), str(stats.cached), per, f"{stats.wall_seconds:.1f}")
+    console.print(table)
+    if result.metrics is not None:
+        console.print(f"VQA accuracy: [bold]{result.metrics['overall']:.2f}[/] over {result.metrics['num_questions']} questions"
+                      + (f" ({len(result.metrics['missing'])} missing)" if result.metrics["missing"] else ""))
+    console.print(f"run folder: {result.out_dir}")
