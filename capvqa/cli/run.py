@@ -35,7 +35,7 @@ def run(
 
     from capvqa.cli.progress import stage_progress
     from capvqa.data.datasets import open_dataset
-    from capvqa.engine.config import _locate
+    from capvqa.engine.config import locate_config
     from capvqa.engine.pipeline import Pipeline
     from capvqa.engine.runtime import make_runtime
     from capvqa.errors import ConfigError
@@ -44,7 +44,7 @@ def run(
 
     hf_logging.disable_progress_bar()  # one bar per stage is ours; per-file loading bars are noise
     saved = {}
-    config_path = _locate(pipeline)
+    config_path = locate_config(pipeline)
     if config_path.suffix in (".yaml", ".yml"):
         saved = (yaml.safe_load(config_path.read_text()) or {}).get("run") or {}
     settings = {
@@ -93,9 +93,9 @@ def _parse_ids(text: str) -> list[int | str]:
 
 
 def _batch_size_overrides(config_path: Path, batch_size: int) -> list[str]:
-    from capvqa.engine.config import _load_raw
+    from capvqa.engine.config import load_raw_config
 
-    stages = _load_raw(config_path).get("stages") or {}
+    stages = load_raw_config(config_path).get("stages") or {}
     return [f"{name}.batch_size={batch_size}" for name in stages]
 
 

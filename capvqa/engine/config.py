@@ -108,7 +108,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _locate(name_or_path: str | Path) -> Path:
+def locate_config(name_or_path: str | Path) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():
@@ -133,8 +133,8 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _load_raw(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    path = _locate(name_or_path)
+def load_raw_config(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = locate_config(name_or_path)
     if str(path) in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(seen)})")
     data = _read_yaml(path)
@@ -143,7 +143,7 @@ def _load_raw(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> dict[str,
         raise ConfigError(f"{path}: unknown top-level keys {unknown}; valid: {list(_TOP_LEVEL_KEYS)}")
     parent = data.pop("extends", None)
     if parent:
-        data = _merge(_load_raw(parent, (*seen, str(path))), data)
+        data = _merge(load_raw_config(parent, (*seen, str(path))), data)
     return data
 
 
@@ -209,7 +209,7 @@ def load_spec(
     models_preset: str | None = None,
 ) -> PipelineSpec:
     """Load, merge, override and validate a pipeline config (no model is loaded)."""
-    data = _load_raw(name_or_path)
+    data = load_raw_config(name_or_path)
     for text in overrides:
         parts, value = parse_override(text)
         _apply_override(data, parts, value)

@@ -18,7 +18,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,10 @@ class Pipeline:
     ) -> RunResult:
         """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset)."""
         started = time.perf_counter()
-        runtime = runtime or make_runtime()
         store = CacheStore(cache_dir)
+        runtime = runtime or make_runtime()
+        if runtime.cache_dir is None:
+            runtime = replace(runtime, cache_dir=store.directory)
         runner = PipelineRunner(self.build_stages(), store, runtime, progress)
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         out = Path(out_dir) if out_dir is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ class Runtime:
 
     device: torch.device
     dtype: torch.dtype
+    cache_dir: Path | None = None  # for stages that keep dataset-level arrays (e.g. example-pool embeddings)
 
     @property
     def dtype_name(self) -> str:
@@ -53,6 +55,6 @@ def resolve_dtype(device: torch.device, requested: str | None = None) -> torch.d
     return torch.float32
 
 
-def make_runtime(device: str | None = None, dtype: str | None = None) -> Runtime:
+def make_runtime(device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None) -> Runtime:
     resolved = resolve_device(device)
-    return Runtime(device=resolved, dtype=resolve_dtype(resolved, dtype))
+    return Runtime(device=resolved, dtype=resolve_dtype(resolved, dtype), cache_dir=cache_dir)

@@ -12,6 +12,9 @@ from capvqa.errors import ConfigError
 
 MODEL_PRESETS = ("hub", "tiny")
 
+# pipeline roles that the tiny zoo serves under another name
+TINY_ROLE_ALIASES = {"llm": "causal_lm"}
+
 
 def apply_models_preset(preset: str, models: dict[str, str]) -> dict[str, str]:
     if preset == "hub":
@@ -20,8 +23,9 @@ def apply_models_preset(preset: str, models: dict[str, str]) -> dict[str, str]:
         from capvqa.models.tiny_zoo import ensure_tiny_zoo
 
         zoo = ensure_tiny_zoo()
-        missing = sorted(set(models) - set(zoo))
+        zoo_role = {role: TINY_ROLE_ALIASES.get(role, role) for role in models}
+        missing = sorted(role for role, name in zoo_role.items() if name not in zoo)
         if missing:
             raise ConfigError(f"the tiny zoo has no model for roles {missing}; it has {sorted(zoo)}")
-        return {role: str(zoo[role]) for role in models}
+        return {role: str(zoo[zoo_role[role]]) for role in models}
     raise ConfigError(f"unknown --models preset {preset!r}; valid: {list(MODEL_PRESETS)}")
