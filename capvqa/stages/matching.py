@@ -18,14 +18,12 @@ import torch
 
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
-from capvqa.models.loading import ModelRef, load_model, load_processor
+from capvqa.stages.blip_itm import load_blip_itm
 from capvqa.stages.gradcam import gradcam_patch_relevance
 from capvqa.stages.images import distinct_images
 from capvqa.stages.text import matching_text
 
 log = logging.getLogger(__name__)
-
-BLIP_ENC_TOKEN_ID = 30523
 
 
 @dataclass(frozen=True)
@@ -62,38 +60,18 @@ class GradCamMatching:
         self._model: Any = None
 
     def setup(self, runtime: Runtime) -> None:
-        from transformers import BlipForImageTextRetrieval, BlipProcessor
-
-        ref = ModelRef(self.config.model, self.config.revision)
         self.runtime = runtime
-        self.processor = load_processor(BlipProcessor, ref)
-        self._model = load_model(BlipForImageTextRetrieval, ref, device=runtime.device, dtype=runtime.dtype)
+        self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id)
+        self._model, self.processor, self.enc_token_id = self.itm.model, self.itm.processor, self.itm.enc_token_id
         text_config = self._model.config.text_config
         if not 0 <= self.config.block_num < text_config.num_hidden_layers:
             raise ValueError(
                 f"block_num {self.config.block_num} is outside the text encoder's "
                 f"{text_config.num_hidden_layers} layers"
             )
-        vision = self._model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.grid = [side, side]
-        self.enc_token_id = self._resolve_enc_token_id(text_config.vocab_size)
+        self.grid = self.itm.grid
         log.info("matching: BLIP ITM %s, cross-attention layer %d, %dx%d patches",
-                 self.config.model, self.config.block_num, side, side)
-
-    def _resolve_enc_token_id(self, vocab_size: int) -> int:
-        if self.config.enc_token_id is not None:
-            return self.config.enc_token_id
-        tokenizer = self.processor.tokenizer
-        token_id = tokenizer.convert_tokens_to_ids("[ENC]")
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            return int(token_id)
-        if vocab_size > BLIP_ENC_TOKEN_ID:
-            return BLIP_ENC_TOKEN_ID
-        raise ValueError(
-            "the ITM tokenizer has no [ENC] token and the vocabulary is smaller than BLIP's; set "
-            "matching.enc_token_id explicitly"
-        )
+                 self.config.model, self.config.block_num, *self.grid)
 
     def cost(self, entry: StageInput) -> int:
         return len(entry.item.question)
@@ -113,16 +91,8 @@ class GradCamMatching:
     ) -> tuple[np.ndarray, np.ndarray]:
         """GradCAM relevance (len(texts), P) and ITM match logits for each (image, text) pair."""
         model, device = self._model, self.runtime.device
-        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        tokens = self.processor.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.config.max_text_tokens, return_tensors="pt"
-        )
-        input_ids = tokens["input_ids"].to(device)
-        input_ids[:, 0] = self.enc_token_id  # BLIP ITM encodes text with [ENC], not [CLS]
-        text_mask = tokens["attention_mask"].to(device)
-
-        with torch.inference_mode():
-            unique_embeds = model.vision_model(pixel_values=pixel_values.to(device, self.runtime.dtype))[0]
+        input_ids, text_mask = self.itm.text_inputs(texts, self.config.max_text_tokens)
+        unique_embeds = self.itm.encode_images(images)
         image_embeds = unique_embeds[torch.as_tensor(image_index, device=device)].clone()
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)
 
@@ -156,6 +126,6 @@ class GradCamMatching:
         )
 
     def cleanup(self) -> None:
-        self._model = None
+        self._model = self.itm = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

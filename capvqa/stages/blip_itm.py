@@ -1,0 +1,69 @@
+"""BLIP image-text matching model I/O shared by GradCAM matching and caption filtering.
+
+BLIP's ITM head reads text encoded with the ``[ENC]`` token in place of ``[CLS]`` (LAVIS does this;
+Hugging Face's ``BlipForImageTextRetrieval.forward`` does not, and leaving ``[CLS]`` shifts the match
+logits by up to 0.36), so every ITM caller tokenises through :func:`itm_text_inputs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from capvqa.engine.runtime import Runtime
+from capvqa.models.loading import ModelRef, load_model, load_processor
+
+BLIP_ENC_TOKEN_ID = 30523
+
+
+@dataclass
+class BlipItm:
+    processor: Any
+    model: Any
+    enc_token_id: int
+    runtime: Runtime
+
+    @property
+    def grid(self) -> list[int]:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return [side, side]
+
+    def encode_images(self, images: list) -> torch.Tensor:
+        """ViT embeddings (N, 1+P, D) of distinct images, without gradient."""
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            return self.model.vision_model(pixel_values=pixel_values.to(self.runtime.device, self.runtime.dtype))[0]
+
+    def text_inputs(self, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids with ``[ENC]`` at position 0 and the attention mask, truncated identically."""
+        tokens = self.processor.tokenizer(
+            texts, padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
+        input_ids = tokens["input_ids"].to(self.runtime.device)
+        input_ids[:, 0] = self.enc_token_id
+        return input_ids, tokens["attention_mask"].to(self.runtime.device)
+
+
+def load_blip_itm(model_id: str, revision: str | None, runtime: Runtime, enc_token_id: int | None = None) -> BlipItm:
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    ref = ModelRef(model_id, revision)
+    processor = load_processor(BlipProcessor, ref)
+    model = load_model(BlipForImageTextRetrieval, ref, device=runtime.device, dtype=runtime.dtype)
+    resolved = enc_token_id if enc_token_id is not None else _enc_token_id(processor.tokenizer, model)
+    return BlipItm(processor=processor, model=model, enc_token_id=resolved, runtime=runtime)
+
+
+def _enc_token_id(tokenizer: Any, model: Any) -> int:
+    token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    if token_id is not None and token_id != tokenizer.unk_token_id:
+        return int(token_id)
+    if model.config.text_config.vocab_size > BLIP_ENC_TOKEN_ID:
+        return BLIP_ENC_TOKEN_ID
+    raise ValueError(
+        "the ITM tokenizer has no [ENC] token and the vocabulary is smaller than BLIP's; set enc_token_id "
+        "explicitly"
+    )

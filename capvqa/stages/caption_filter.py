@@ -1,0 +1,117 @@
+"""Caption filtering by BLIP image-text matching (Img2LLM, SPEC §2).
+
+Question-guided captions sampled from a few patches are often wrong about the whole image. Img2LLM keeps
+a caption only when BLIP's ITM head, reading the whole image, gives it a match probability (softmax over
+the head's two logits) of at least ``threshold`` (0.5). Every (image, caption) pair of a batch is scored
+in a few text-encoder calls; each distinct image is encoded once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from capvqa.engine.runtime import Runtime
+from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.stages.blip_itm import load_blip_itm
+from capvqa.stages.images import distinct_images
+
+_CAPTION_PUNCT = re.compile(r"[.!\"()*#:;~]")
+
+
+def clean_caption(caption: str, max_words: int = 50) -> str:
+    """LAVIS's BLIP caption processor: lower-case, punctuation . ! " ( ) * # : ; ~ -> space, collapse
+    whitespace, at most ``max_words`` words."""
+    words = _CAPTION_PUNCT.sub(" ", caption.lower()).split()
+    return " ".join(words[:max_words])
+
+
+@dataclass(frozen=True)
+class CaptionFilterConfig:
+    model: str = "Salesforce/blip-itm-large-coco"
+    revision: str | None = None
+    threshold: float = 0.5
+    max_text_tokens: int = 35
+    enc_token_id: int | None = None
+    batch_size: int = non_semantic(8)
+    max_pairs_per_forward: int = non_semantic(512)
+
+
+@dataclass(frozen=True)
+class FilteredCaptions:
+    """The captions that passed, in their original order, with every caption's match probability."""
+
+    captions: list[str]
+    scores: list[float]
+    all_scores: list[float]
+    threshold: float
+
+
+class CaptionFilter:
+    NAME: ClassVar[str] = "caption_filter"
+    VERSION: ClassVar[str] = "1"
+    INPUTS: ClassVar[tuple[str, ...]] = ("captions",)
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    Config = CaptionFilterConfig
+    Output = FilteredCaptions
+
+    def __init__(self, config: CaptionFilterConfig | None = None, **overrides: Any) -> None:
+        self.config = config or CaptionFilterConfig(**overrides)
+        self.itm: Any = None
+
+    def setup(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id)
+
+    def cost(self, entry: StageInput) -> int:
+        return len(entry.upstream["captions"].captions)
+
+    def run(self, batch: Sequence[StageInput]) -> list[FilteredCaptions]:
+        images, image_index = distinct_images(batch)
+        pair_image: list[int] = []
+        pair_text: list[str] = []
+        for entry, image in zip(batch, image_index):
+            for caption in entry.upstream["captions"].captions:
+                pair_image.append(image)
+                pair_text.append(clean_caption(caption))
+        probabilities = self.match_probabilities(images, pair_image, pair_text) if pair_text else []
+        results, start = [], 0
+        for entry in batch:
+            captions = list(entry.upstream["captions"].captions)
+            scores = [float(p) for p in probabilities[start : start + len(captions)]]
+            start += len(captions)
+            kept = [i for i, score in enumerate(scores) if score >= self.config.threshold]
+            results.append(
+                FilteredCaptions(captions=[captions[i] for i in kept], scores=[scores[i] for i in kept],
+                                 all_scores=scores, threshold=self.config.threshold)
+            )
+        return results
+
+    def match_probabilities(self, images: list, pair_image: list[int], pair_text: list[str]) -> list[float]:
+        """P(match) of each (image index, text) pair."""
+        model, device = self.itm.model, self.runtime.device
+        image_embeds = self.itm.encode_images(images)
+        out: list[float] = []
+        step = self.config.max_pairs_per_forward
+        with torch.inference_mode():
+            for start in range(0, len(pair_text), step):
+                texts = pair_text[start : start + step]
+                rows = torch.as_tensor(pair_image[start : start + step], device=device)
+                memory = image_embeds[rows]
+                input_ids, mask = self.itm.text_inputs(texts, self.config.max_text_tokens)
+                hidden = model.text_encoder(
+                    input_ids=input_ids, attention_mask=mask, encoder_hidden_states=memory,
+                    encoder_attention_mask=torch.ones(memory.shape[:2], dtype=torch.long, device=device),
+                )[0]
+                logits = model.itm_head(hidden[:, 0, :]).float()
+                out.extend(torch.softmax(logits, dim=-1)[:, 1].cpu().tolist())
+        return out
+
+    def cleanup(self) -> None:
+        self.itm = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
