@@ -27,6 +27,7 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: stage.param=value, models.ROLE=ID, seed=N.")] = None,
     models: Annotated[Optional[str], typer.Option(help="Model preset for every role: hub (config's ids) or tiny (offline random tiny models).")] = None,
     lemmatize: Annotated[Optional[str], typer.Option(help="Lemmatise predictions before scoring (OK-VQA option): none | auto | spacy | rule.")] = None,
+    on_bad_image: Annotated[str, typer.Option(help="error: stop at a missing/corrupt image (default); skip: leave such questions out, list them in skipped.json and count them as missing.")] = "error",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Run PIPELINE over a dataset and write config.yaml, predictions.json, records.jsonl, metrics.json,
@@ -77,13 +78,14 @@ def run(
     out_dir = out or Path("runs") / f"{pipe.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     runtime = make_runtime(device or saved.get("device_request"), dtype or saved.get("dtype_request"))
     run_settings = {k: v for k, v in settings.items() if v is not None}
-    run_settings.update({"device_request": device or "auto", "dtype_request": dtype or "auto"})
+    run_settings.update({"device_request": device or "auto", "dtype_request": dtype or "auto",
+                         "on_bad_image": on_bad_image})
     if cache_dir:
         run_settings["cache_dir"] = str(cache_dir)
     with stage_progress(enabled=not quiet) as progress:
         result = pipe.run(
             data, out_dir=out_dir, cache_dir=cache_dir, runtime=runtime, progress=progress,
-            run_settings=run_settings, eval_options={"lemmatize": settings["lemmatize"]},
+            run_settings=run_settings, eval_options={"lemmatize": settings["lemmatize"]}, on_bad_image=on_bad_image,
         )
     _print_summary(result, pipe.spec.name)
 
@@ -112,4 +114,7 @@ def _print_summary(result, name: str) -> None:
     if result.metrics is not None:
         console.print(f"VQA accuracy: [bold]{result.metrics['overall']:.2f}[/] over {result.metrics['num_questions']} questions"
                       + (f" ({len(result.metrics['missing'])} missing)" if result.metrics["missing"] else ""))
+    if result.skipped:
+        err_console.print(f"[yellow]{len(result.skipped)} question(s) skipped for bad images (listed in "
+                          "skipped.json, counted as missing)[/]")
     console.print(f"run folder: {result.out_dir}")

@@ -97,6 +97,8 @@ def row_to_item(row: Mapping[str, Any], schema: str, *, source: str) -> VQAItem:
     question = row.get("question")
     if not isinstance(question, str):
         raise DataError(f"{source}: question {question_id}: 'question' must be a string, got {question!r}")
+    if not question.strip():
+        raise DataError(f"{source}: question {question_id}: the question text is empty; fix or remove it")
     answers = _answers(row.get("answers"), schema, question_id=question_id, source=source)
     return VQAItem(
         question_id=question_id,

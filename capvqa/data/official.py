@@ -104,7 +104,7 @@ def parse_questions(document: Any, *, source: str) -> QuestionsFile:
             QuestionRecord(
                 question_id=_id_field(entry, "question_id", where),
                 image_id=_id_field(entry, "image_id", where),
-                question=_str_field(entry, "question", where),
+                question=_question_text(entry, where),
             )
         )
     _reject_duplicates((r.question_id for r in records), source=source, what="question ids")
@@ -375,6 +375,15 @@ def _str_field(entry: Mapping[str, Any], name: str, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be a string, got {value!r}")
     return value
+
+
+def _question_text(entry: Mapping[str, Any], where: str) -> str:
+    """The question text; an empty one is an error because no stage can answer it meaningfully and a
+    silent placeholder answer would skew the score."""
+    text = _str_field(entry, "question", where)
+    if not text.strip():
+        raise DataError(f"{where}: the question text is empty; fix or remove this question")
+    return text
 
 
 def _optional_str_field(entry: Mapping[str, Any], name: str, where: str) -> str | None:

@@ -18,7 +18,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class RunResult:
     stage_stats: list[StageStats]
     out_dir: Path | None
     wall_seconds: float
+    skipped: list = field(default_factory=list)
 
 
 class Pipeline:
@@ -73,18 +74,23 @@ class Pipeline:
         progress: ProgressFactory | None = None,
         run_settings: dict[str, Any] | None = None,
         eval_options: dict[str, Any] | None = None,
+        on_bad_image: str = "error",
     ) -> RunResult:
-        """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset)."""
+        """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset).
+
+        ``on_bad_image='skip'`` leaves out items whose image is missing or cannot be decoded; they are
+        listed in ``skipped.json`` and count as missing (wrong) in the metrics.
+        """
         started = time.perf_counter()
         store = CacheStore(cache_dir)
         runtime = runtime or make_runtime()
         if runtime.cache_dir is None:
             runtime = replace(runtime, cache_dir=store.directory)
-        runner = PipelineRunner(self.build_stages(), store, runtime, progress)
+        runner = PipelineRunner(self.build_stages(), store, runtime, progress, on_bad_image=on_bad_image)
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
+            _prepare_out_dir(out)
             spec_dict = self.spec.to_dict()
             spec_dict["run"] = {**(run_settings or {}), "device": str(runtime.device), "dtype": runtime.dtype_name}
             _atomic_write(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
@@ -93,11 +99,16 @@ class Pipeline:
 
         predictions: dict[Any, str] = {}
         scored_items: list[VQAItem] = []
+        num_items = 0
         answer_stage = self.spec.answer
         records_file = _AtomicFile(out / "records.jsonl") if out is not None else None
         try:
-            for keyed, outputs in runner.results(items):
-                item = keyed.item
+            for item, outputs in runner.results(items):
+                num_items += 1
+                if outputs is None:  # skipped: no prediction, scored as missing
+                    if item.is_annotated:
+                        scored_items.append(_without_image(item))
+                    continue
                 answer = outputs[answer_stage].answer
                 predictions[item.question_id] = answer
                 if item.is_annotated:
@@ -112,7 +123,7 @@ class Pipeline:
 
         metrics = None
         evaluation = None
-        if scored_items and len(scored_items) == len(predictions):
+        if scored_items and len(scored_items) == num_items:
             from capvqa.eval.accuracy import score_predictions
             from capvqa.eval.lemmatize import make_lemmatizer
 
@@ -129,6 +140,8 @@ class Pipeline:
             from capvqa.eval.predictions import write_predictions
 
             write_predictions(out / "predictions.json", predictions)
+            skipped = [vars(s) for s in runner.skipped.values()]
+            _atomic_write(out / "skipped.json", json.dumps(skipped, indent=2, ensure_ascii=False))
             if metrics is not None:
                 _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
             timings = {
@@ -136,7 +149,9 @@ class Pipeline:
                 "device": str(runtime.device),
                 "dtype": runtime.dtype_name,
                 "host": platform.node(),
-                "num_questions": len(predictions),
+                "num_questions": num_items,
+                "num_predictions": len(predictions),
+                "num_skipped": len(runner.skipped),
                 "total_seconds": round(wall, 4),
                 "stages": {s.name: s.to_json() for s in stats},
             }
@@ -144,7 +159,21 @@ class Pipeline:
                 timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
             _atomic_write(out / "timings.json", json.dumps(timings, indent=2))
         store.close()
-        return RunResult(predictions=predictions, metrics=metrics, stage_stats=stats, out_dir=out, wall_seconds=wall)
+        return RunResult(predictions=predictions, metrics=metrics, stage_stats=stats, out_dir=out, wall_seconds=wall,
+                         skipped=list(runner.skipped.values()))
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Fail before any computation when the run folder cannot be written."""
+    from capvqa.errors import UserError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".capvqa-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write the run folder {out}: {error}. Choose another --out.") from error
 
 
 def _without_image(item: VQAItem) -> VQAItem:

@@ -9,7 +9,9 @@ flight; a rerun finds everything else in the cache.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +23,15 @@ from capvqa.engine.keys import item_fingerprint, sha256_hex, stage_fingerprint, 
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, semantic_config
 from capvqa.engine.store import CacheStore
+from capvqa.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 WINDOW_BATCHES = 16
+BAD_IMAGE_POLICIES = ("error", "skip")
+# Diagnostic: when set, every committed batch appends {"stage", "pid", "keys"} to this file, so tests and
+# users can audit that no finished item was ever computed twice (the cache ignores duplicate writes).
+COMMIT_LOG_ENV = "CAPVQA_COMMIT_LOG"
 
 
 @dataclass
@@ -60,6 +67,7 @@ class StageStats:
     setup_seconds: float = 0.0
     compute_seconds: float = 0.0
     wall_seconds: float = 0.0
+    oom_splits: int = 0
 
     def to_json(self) -> dict[str, Any]:
         per_item = self.compute_seconds / self.computed if self.computed else None
@@ -72,6 +80,7 @@ class StageStats:
             "setup_seconds": round(self.setup_seconds, 4),
             "compute_seconds": round(self.compute_seconds, 4),
             "wall_seconds": round(self.wall_seconds, 4),
+            "oom_splits": self.oom_splits,
             "seconds_per_computed_item": round(per_item, 6) if per_item is not None else None,
             "computed_items_per_second": round(self.computed / self.compute_seconds, 4)
             if self.compute_seconds > 0
@@ -117,6 +126,48 @@ class ImageHasher:
         return digest
 
 
+@dataclass(frozen=True)
+class SkippedItem:
+    """An item left out under ``on_bad_image='skip'``: it gets no prediction and counts as missing."""
+
+    question_id: Any
+    image_id: Any
+    stage: str
+    reason: str
+
+
+def _items_with_bad_images(batch: Sequence[StageInput]) -> dict[int, DataError]:
+    """Which inputs' images fail to load (decoding each alone: only done after a batch failed)."""
+    from capvqa.data.images import load_image
+
+    bad: dict[int, DataError] = {}
+    for i, entry in enumerate(batch):
+        try:
+            load_image(entry.item.image)
+        except DataError as error:
+            bad[i] = error
+    return bad
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    import torch
+
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(error, oom_type):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def windows(items: Iterable[VQAItem], size: int) -> Iterator[list[VQAItem]]:
     window: list[VQAItem] = []
     for item in items:
@@ -148,13 +199,40 @@ class PipelineRunner:
         store: CacheStore,
         runtime: Runtime,
         progress: ProgressFactory | None = None,
+        on_bad_image: str = "error",
     ) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         self.stages = list(stages)
         self.store = store
         self.runtime = runtime
         self.progress = progress or (lambda _name, _total: _NullProgress())
         self.hasher = ImageHasher(store)
+        self.on_bad_image = on_bad_image
+        self.skipped: dict[str, SkippedItem] = {}  # by str(question_id)
+        self.commit_log = os.environ.get(COMMIT_LOG_ENV)
         self._by_name = {s.name: s for s in self.stages}
+
+    def _skip(self, item: VQAItem, stage: str, error: DataError) -> None:
+        if self.on_bad_image != "skip":
+            raise error
+        key = str(item.question_id)
+        if key not in self.skipped:
+            log.warning("skipping question %s (%s): %s", item.question_id, stage, error)
+            self.skipped[key] = SkippedItem(question_id=item.question_id, image_id=item.image_id, stage=stage,
+                                            reason=str(error))
+
+    def keyed_window(self, window: list[VQAItem]) -> list[KeyedItem]:
+        """Keys of every item not skipped; a missing image is caught here (it cannot be hashed)."""
+        keyed = []
+        for item in window:
+            if str(item.question_id) in self.skipped:
+                continue
+            try:
+                keyed.append(self.keyed(item))
+            except DataError as error:
+                self._skip(item, "image hashing", error)
+        return keyed
 
     def keyed(self, item: VQAItem) -> KeyedItem:
         image_hash = self.hasher(item)
@@ -174,12 +252,12 @@ class PipelineRunner:
         bar = self.progress(bound.name, total)
         try:
             for window in windows(items, batch_size * WINDOW_BATCHES):
-                keyed = [self.keyed(item) for item in window]
+                keyed = self.keyed_window(window)
                 present = self.store.existing_keys([k.keys[bound.name] for k in keyed])
                 misses = [k for k in keyed if k.keys[bound.name] not in present]
                 stats.items += len(keyed)
                 stats.cached += len(keyed) - len(misses)
-                bar.advance(len(keyed) - len(misses))
+                bar.advance(len(window) - len(misses))
                 if not misses:
                     continue
                 if not ready:
@@ -192,19 +270,8 @@ class PipelineRunner:
                 order = sorted(range(len(inputs)), key=lambda i: -cost(inputs[i])) if cost else list(range(len(inputs)))
                 for start in range(0, len(order), batch_size):
                     chosen = order[start : start + batch_size]
-                    batch = [inputs[i] for i in chosen]
-                    compute_started = time.perf_counter()
-                    outputs = stage.run(batch)
-                    stats.compute_seconds += time.perf_counter() - compute_started
-                    if len(outputs) != len(batch):
-                        raise RuntimeError(f"stage {bound.name} returned {len(outputs)} results for {len(batch)} items")
-                    self.store.put_many(
-                        stage.NAME,
-                        [(misses[i].keys[bound.name], *encode_record(out)) for i, out in zip(chosen, outputs)],
-                    )
-                    stats.computed += len(batch)
-                    stats.batches += 1
-                    bar.advance(len(batch))
+                    self._run_batch(bound, [misses[i] for i in chosen], [inputs[i] for i in chosen], stats)
+                    bar.advance(len(chosen))
         finally:
             bar.close()
             if ready:
@@ -213,6 +280,48 @@ class PipelineRunner:
         log.info("%s: %d items (%d computed, %d cached) in %.1fs", bound.name, stats.items, stats.computed,
                  stats.cached, stats.wall_seconds)
         return stats
+
+    def _run_batch(self, bound: BoundStage, keyed: list[KeyedItem], batch: list[StageInput], stats: StageStats) -> None:
+        """Run one batch and commit it atomically.
+
+        Out of GPU memory: the batch is retried as two halves (recorded in ``oom_splits``). A bad image
+        under ``on_bad_image='skip'``: the offending items are found, recorded and left out, and the
+        rest of the batch runs.
+        """
+        stage = bound.stage
+        try:
+            compute_started = time.perf_counter()
+            outputs = stage.run(batch)
+            stats.compute_seconds += time.perf_counter() - compute_started
+        except DataError as error:
+            bad = _items_with_bad_images(batch)
+            if not bad:
+                raise
+            for i in sorted(bad):
+                self._skip(batch[i].item, bound.name, bad[i])
+            good = [i for i in range(len(batch)) if i not in bad]
+            if good:
+                self._run_batch(bound, [keyed[i] for i in good], [batch[i] for i in good], stats)
+            return
+        except Exception as error:
+            if not _is_out_of_memory(error) or len(batch) == 1:
+                raise
+            stats.oom_splits += 1
+            log.warning("%s: out of memory on a batch of %d; retrying as two halves", bound.name, len(batch))
+            _free_accelerator_memory()
+            half = len(batch) // 2
+            self._run_batch(bound, keyed[:half], batch[:half], stats)
+            self._run_batch(bound, keyed[half:], batch[half:], stats)
+            return
+        if len(outputs) != len(batch):
+            raise RuntimeError(f"stage {bound.name} returned {len(outputs)} results for {len(batch)} items")
+        keys = [k.keys[bound.name] for k in keyed]
+        self.store.put_many(stage.NAME, [(key, *encode_record(out)) for key, out in zip(keys, outputs)])
+        if self.commit_log:
+            with open(self.commit_log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"stage": bound.name, "pid": os.getpid(), "keys": keys}) + "\n")
+        stats.computed += len(batch)
+        stats.batches += 1
 
     def _stage_inputs(self, bound: BoundStage, misses: list[KeyedItem]) -> list[StageInput]:
         upstream_values: dict[str, dict[str, Any]] = {}
@@ -240,17 +349,24 @@ class PipelineRunner:
             for k in misses
         ]
 
-    def results(self, items: Iterable[VQAItem], window: int = 256) -> Iterator[tuple[KeyedItem, dict[str, Any]]]:
-        """Every item with every stage's cached result, in input order (after all stages have run)."""
+    def results(
+        self, items: Iterable[VQAItem], window: int = 256
+    ) -> Iterator[tuple[VQAItem, dict[str, Any] | None]]:
+        """Every item with every stage's cached result, in input order (after all stages have run);
+        skipped items come with ``None``."""
         for chunk in windows(items, window):
-            keyed = [self.keyed(item) for item in chunk]
-            wanted = [k.keys[s.name] for k in keyed for s in self.stages]
+            keyed = {str(k.item.question_id): k for k in self.keyed_window(chunk)}
+            wanted = [k.keys[s.name] for k in keyed.values() for s in self.stages]
             found = self.store.get_many(wanted)
-            for k in keyed:
+            for item in chunk:
+                k = keyed.get(str(item.question_id))
+                if k is None:
+                    yield item, None
+                    continue
                 outputs = {}
                 for bound in self.stages:
                     key = k.keys[bound.name]
                     if key not in found:
-                        raise RuntimeError(f"question {k.item.question_id}: stage {bound.name} has no result")
+                        raise RuntimeError(f"question {item.question_id}: stage {bound.name} has no result")
                     outputs[bound.name] = decode_record(bound.stage.Output, *found[key])
-                yield k, outputs
+                yield item, outputs
