@@ -14,6 +14,7 @@ import typer
 from capvqa.cli import cache as cache_cmd
 from capvqa.cli import data as data_cmd
 from capvqa.cli import evaluate as evaluate_cmd
+from capvqa.cli import report as report_cmd
 from capvqa.cli import run as run_cmd
 from capvqa.cli.console import err_console
 from capvqa.errors import UserError
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.command("run")(run_cmd.run)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("report")(report_cmd.report)
 app.add_typer(data_cmd.app, name="data", help="Download and inspect datasets.")
 app.add_typer(cache_cmd.app, name="cache", help="Inspect and clear the stage cache.")
 

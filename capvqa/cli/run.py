@@ -28,6 +28,7 @@ def run(
     models: Annotated[Optional[str], typer.Option(help="Model preset for every role: hub (config's ids) or tiny (offline random tiny models).")] = None,
     lemmatize: Annotated[Optional[str], typer.Option(help="Lemmatise predictions before scoring (OK-VQA option): none | auto | spacy | rule.")] = None,
     on_bad_image: Annotated[str, typer.Option(help="error: stop at a missing/corrupt image (default); skip: leave such questions out, list them in skipped.json and count them as missing.")] = "error",
+    report: Annotated[bool, typer.Option(help="Write report.html and report.md into the run folder.")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Run PIPELINE over a dataset and write config.yaml, predictions.json, records.jsonl, metrics.json,
@@ -87,7 +88,20 @@ def run(
             data, out_dir=out_dir, cache_dir=cache_dir, runtime=runtime, progress=progress,
             run_settings=run_settings, eval_options={"lemmatize": settings["lemmatize"]}, on_bad_image=on_bad_image,
         )
+    if report:
+        _write_reports(result.out_dir)
     _print_summary(result, pipe.spec.name)
+
+
+def _write_reports(out_dir: Path) -> None:
+    """Reports are a convenience on top of the run's files: a failure here must not fail the run."""
+    from capvqa.report import write_run_reports
+
+    try:
+        write_run_reports(out_dir)
+    except Exception as error:  # noqa: BLE001 - reported, and `capvqa report` can redo it
+        err_console.print(f"[yellow]could not write the report ({error}); the run's files are complete. "
+                          f"Retry with: capvqa report {out_dir} --out {out_dir}/report.html[/]")
 
 
 def _parse_ids(text: str) -> list[int | str]:

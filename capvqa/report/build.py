@@ -1,0 +1,150 @@
+"""Assemble a report from run folders and write it: the only module here that does I/O end to end.
+
+``write_run_reports`` runs at the end of every ``capvqa run``; it must be fast (light records, thumbnails
+only for the gallery) and must never turn a finished run into a failure, so its callers may wrap it,
+but it also degrades by itself: a missing dataset means no thumbnails, an unreadable file is a note.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from capvqa.report.gallery import (
+    DEFAULT_GALLERY_LIMIT,
+    GalleryItem,
+    build_items,
+    relevance_of,
+    select_gallery,
+)
+from capvqa.report.model import ReportData, RunView
+from capvqa.report.published import lookup_published
+from capvqa.report.runs import RunFolder, load_runs
+from capvqa.report.summary import accuracy_rows, differing_config_keys, score_run, stage_timings, sweep_key
+from capvqa.report.thumbnails import THUMBNAIL_SIDE, heatmap_png, load_thumbnails
+
+
+def collect_report(
+    runs: Sequence[RunFolder],
+    *,
+    gallery_limit: int = DEFAULT_GALLERY_LIMIT,
+    thumbnails: bool = True,
+    thumbnail_side: int = THUMBNAIL_SIDE,
+    title: str | None = None,
+) -> ReportData:
+    """Everything the renderers need, computed from loaded runs."""
+    if not runs:
+        raise ValueError("a report needs at least one run folder")
+    views = []
+    notes: list[str] = []
+    for run in runs:
+        scores = score_run(run.label, run.records, run.metrics)
+        views.append(RunView(run=run, scores=scores,
+                             published=lookup_published(run.config, scores.num_questions or len(run.records)),
+                             timings=stage_timings(run.timings)))
+        notes.extend(f"{run.label}: {problem}" for problem in run.problems)
+    differences = differing_config_keys([r.config for r in runs]) if len(runs) > 1 else []
+
+    light = [r.by_qid() for r in runs]
+    keys = select_gallery(light, gallery_limit)
+    full = [r.full_records(keys) for r in runs]
+    items = build_items(keys, [r.label for r in runs], light, full)
+
+    heatmaps: dict[str, tuple[bytes, str]] = {}
+    for item in items:
+        found = relevance_of(item)
+        if found is not None:
+            png = heatmap_png(found[0], found[1])
+            if png is not None:
+                heatmaps[item.qid] = (png, found[2])
+    images: dict[str, bytes] = {}
+    if thumbnails and items:
+        images, why = _thumbnails_for(runs, items, thumbnail_side)
+        if why:
+            notes.append(f"thumbnails: {why}")
+
+    total = len({k for records in light for k in records})
+    name = title or ("capvqa report: " + " vs ".join(r.label for r in runs))
+    return ReportData(
+        title=name,
+        generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        runs=views,
+        rows=accuracy_rows([v.scores for v in views]),
+        differences=differences,
+        sweep=sweep_key(differences),
+        gallery=items,
+        gallery_total=total,
+        thumbnails=images,
+        heatmaps=heatmaps,
+        notes=notes,
+    )
+
+
+def _thumbnails_for(runs: Sequence[RunFolder], items: Sequence[GalleryItem], side: int) -> tuple[dict[str, bytes], str]:
+    """Thumbnails through the first run's dataset; items only later runs have use theirs."""
+    images: dict[str, bytes] = {}
+    reasons: list[str] = []
+    remaining = {item.qid: item.question_id for item in items}
+    for run in runs:
+        if not remaining:
+            break
+        present = run.by_qid()
+        wanted = [qid for key, qid in remaining.items() if key in present]
+        if not wanted:
+            continue
+        found, why = load_thumbnails(run.run_settings, wanted, side)
+        images.update(found)
+        for key in found:
+            remaining.pop(key, None)
+        if why:
+            reasons.append(f"{run.label}: {why}")
+    return images, "; ".join(reasons)
+
+
+def build_report(
+    run_dirs: Sequence[str | Path],
+    *,
+    html_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    gallery_limit: int = DEFAULT_GALLERY_LIMIT,
+    thumbnails: bool = True,
+    title: str | None = None,
+) -> ReportData:
+    """Load run folders, build the report and write the requested files (atomically)."""
+    from capvqa.report.html_report import render_html
+    from capvqa.report.markdown_report import render_markdown
+
+    data = collect_report(load_runs(run_dirs, labels), gallery_limit=gallery_limit, thumbnails=thumbnails,
+                          title=title)
+    if html_path is not None:
+        atomic_write_text(Path(html_path), render_html(data))
+    if markdown_path is not None:
+        atomic_write_text(Path(markdown_path), render_markdown(data))
+    return data
+
+
+def write_run_reports(run_dir: str | Path, *, gallery_limit: int = DEFAULT_GALLERY_LIMIT) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` into a run folder (called at the end of ``capvqa run``)."""
+    run_dir = Path(run_dir)
+    html_path, markdown_path = run_dir / "report.html", run_dir / "report.md"
+    build_report([run_dir], html_path=html_path, markdown_path=markdown_path, gallery_limit=gallery_limit)
+    return html_path, markdown_path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temporary file beside ``path``, renamed into place: a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        if os.path.exists(name):
+            os.unlink(name)
+        raise

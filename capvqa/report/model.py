@@ -1,0 +1,59 @@
+"""The report's content, computed once and rendered twice (HTML and Markdown)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from capvqa.report.gallery import GalleryItem
+from capvqa.report.published import PublishedLookup
+from capvqa.report.runs import RunFolder
+from capvqa.report.summary import AccuracyRow, RunScores, StageTiming, delta
+
+
+@dataclass
+class RunView:
+    """One run with everything derived from it."""
+
+    run: RunFolder
+    scores: RunScores
+    published: PublishedLookup
+    timings: list[StageTiming]
+
+    @property
+    def label(self) -> str:
+        return self.run.label
+
+    @property
+    def published_delta(self) -> float | None:
+        """Run overall minus the paper's number; None when no number applies (tiny models, ...)."""
+        if self.published.result is None:
+            return None
+        return delta(self.scores.overall, self.published.result.accuracy)
+
+
+@dataclass
+class ReportData:
+    title: str
+    generated: str
+    runs: list[RunView]
+    rows: list[AccuracyRow]
+    differences: list[tuple[str, tuple[Any, ...]]]
+    sweep: str | None
+    gallery: list[GalleryItem]
+    gallery_total: int
+    thumbnails: dict[str, bytes] = field(default_factory=dict)
+    heatmaps: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.runs]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.runs) > 1
+
+    @property
+    def tiny_labels(self) -> list[str]:
+        return [r.label for r in self.runs if r.run.is_tiny]
