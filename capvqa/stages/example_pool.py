@@ -1,0 +1,320 @@
+"""PICa's pool of in-context examples: training questions with an answer, a caption and CLIP embeddings.
+
+PICa (SPEC §3) picks its few-shot examples from the training split by CLIP similarity to the query. The
+pool is dataset-level state, not per-item state, so it does not fit the per-item stage cache; it is built
+here once per (pool, CLIP model) and kept on disk:
+
+- **Embeddings** are stored per *distinct* question text and per *distinct* image (VQAv2 train has 443k
+  questions but 82k images and far fewer distinct question strings), each array under
+  ``{cache_dir}/example-pools/`` as a raw ``.npy`` file (never a pickle), written to a temporary file and
+  renamed into place so a crash never leaves a half-written array. The file name is a hash of exactly
+  what the array depends on: the list of texts (or image content hashes) in order, the CLIP model
+  fingerprint and :data:`POOL_CACHE_VERSION`. Content hashing rather than question ids means a moved or
+  re-downloaded dataset keeps its arrays, and an edited one never reuses stale rows.
+- **Captions** come from a COCO captions file (the image's first caption, see
+  :mod:`capvqa.data.coco_captions`) or, for images it lacks, from the
+  :class:`~capvqa.stages.image_captioning.ImageCaptioning` stage run through the ordinary
+  :class:`~capvqa.engine.runner.PipelineRunner` and stage cache, so pool captions are computed once and
+  shared with any pipeline that captions the same images with the same settings.
+
+:class:`ClipEncoder` is the one place that turns text and images into L2-normalised CLIP features; the
+tags stage uses it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capvqa.data.items import ImageRef, VQAItem
+from capvqa.data.official import ItemId
+from capvqa.engine.keys import canonical_json, sha256_hex
+from capvqa.engine.runtime import Runtime
+from capvqa.models.loading import ModelRef, load_model, load_processor
+
+log = logging.getLogger(__name__)
+
+#: Bump when the way pool embeddings are computed changes (preprocessing, normalisation, dtype).
+POOL_CACHE_VERSION = 1
+POOL_CACHE_SUBDIR = "example-pools"
+
+
+# ----------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One training question usable as an in-context example."""
+
+    question_id: ItemId
+    image_id: ItemId
+    question: str
+    answer: str  # the first annotated answer, as PICa uses
+    image_hash: str
+    image: ImageRef
+
+
+@dataclass(frozen=True)
+class PoolReport:
+    """How the pool was assembled (logged once, and checked by tests)."""
+
+    items: int  # pool questions kept
+    skipped: int  # questions without a question text or an answer (PICa re-draws those)
+    captions_from_file: int
+    captions_generated: int  # items whose caption came from the captioner (cached or computed)
+    question_embeddings: str  # "computed", "cached" or "unused"
+    image_embeddings: str
+
+
+# ------------------------------------------------------------------------------------ pure helpers
+
+
+def first_answer(item: VQAItem) -> str | None:
+    """An item's first annotated answer (stripped), or None when it has no non-empty first answer."""
+    if not item.answers:
+        return None
+    answer = item.answers[0].strip()
+    return answer or None
+
+
+def distinct_in_order(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct values in first-appearance order and, per value, the row of its distinct copy."""
+    row_of: dict[str, int] = {}
+    index = np.empty(len(values), dtype=np.int64)
+    for position, value in enumerate(values):
+        index[position] = row_of.setdefault(value, len(row_of))
+    return list(row_of), index
+
+
+def embedding_cache_key(kind: str, model_fingerprint: str, values: Sequence[str]) -> str:
+    """The identity of an embedding array: what was embedded (in order), by which model, by which code."""
+    content = hashlib.sha256()
+    for value in values:
+        content.update(value.encode("utf-8"))
+        content.update(b"\0")
+    return sha256_hex(
+        canonical_json(
+            {
+                "version": POOL_CACHE_VERSION,
+                "kind": kind,
+                "model": model_fingerprint,
+                "count": len(values),
+                "content": content.hexdigest(),
+            }
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------ array cache
+
+
+def save_array_atomic(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as ``.npy`` to a temporary file next to ``path``, then rename it into place.
+
+    A reader sees the whole file or no file; on error the temporary file is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def cached_array(
+    directory: Path, key: str, rows: int, compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, bool]:
+    """The ``rows``-row array stored under ``key`` in ``directory``, computing and storing it on a miss.
+
+    Returns ``(array, was_cached)``. An unreadable file (e.g. from a full disk) or one with the wrong
+    number of rows is recomputed and replaced.
+    """
+    path = Path(directory) / f"{key}.npy"
+    if path.is_file():
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            log.warning("ignoring unreadable pool array %s (%s); recomputing it", path, error)
+        else:
+            if array.ndim == 2 and array.shape[0] == rows:
+                return array, True
+            log.warning(
+                "ignoring pool array %s of shape %s (expected %d rows); recomputing it",
+                path,
+                array.shape,
+                rows,
+            )
+    array = np.asarray(compute(), dtype=np.float32)
+    save_array_atomic(path, array)
+    return array, False
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+
+
+class ClipEncoder:
+    """L2-normalised CLIP text and image features (float32), batched.
+
+    transformers v5 returns a ``BaseModelOutputWithPooling`` from ``get_*_features``; the projected
+    features are its ``pooler_output``.
+    """
+
+    def __init__(self, model: Any, processor: Any, runtime: Runtime) -> None:
+        self.model = model
+        self.processor = processor
+        self.runtime = runtime
+        self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def load(cls, ref: ModelRef, runtime: Runtime) -> ClipEncoder:
+        from transformers import CLIPModel, CLIPProcessor
+
+        processor = load_processor(CLIPProcessor, ref)
+        model = load_model(CLIPModel, ref, device=runtime.device, dtype=runtime.dtype)
+        return cls(model, processor, runtime)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp())
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+        """(len(texts), D) on the runtime device; texts longer than CLIP's 77 positions are truncated."""
+        chunks = []
+        for start in range(0, len(texts), max(1, batch_size)):
+            tokens = self.processor.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.runtime.device)
+            with torch.inference_mode():
+                output = self.model.get_text_features(
+                    input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+                )
+            chunks.append(_normalised(output))
+        return _concat(chunks, self.model.config.projection_dim, self.runtime.device)
+
+    def encode_images(self, images: Sequence[Any], batch_size: int) -> torch.Tensor:
+        """(len(images), D) for decoded PIL images."""
+        chunks = []
+        for start in range(0, len(images), max(1, batch_size)):
+            chunks.append(self._encode_image_batch(list(images[start : start + batch_size])))
+        return _concat(chunks, self.model.config.projection_dim, self.runtime.device)
+
+    def encode_image_refs(self, refs: Sequence[ImageRef], batch_size: int) -> torch.Tensor:
+        """Like :meth:`encode_images`, decoding only one batch of images at a time (pools are large)."""
+        from capvqa.data.images import load_image
+
+        chunks = []
+        for start in range(0, len(refs), max(1, batch_size)):
+            images = [load_image(ref) for ref in refs[start : start + batch_size]]
+            chunks.append(self._encode_image_batch(images))
+        return _concat(chunks, self.model.config.projection_dim, self.runtime.device)
+
+    def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            output = self.model.get_image_features(
+                pixel_values=pixel_values.to(self.runtime.device, self.runtime.dtype)
+            )
+        return _normalised(output)
+
+
+def _normalised(output: Any) -> torch.Tensor:
+    features = getattr(output, "pooler_output", output)
+    return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def _concat(chunks: list[torch.Tensor], dim: int, device: torch.device) -> torch.Tensor:
+    if not chunks:
+        return torch.zeros((0, dim), dtype=torch.float32, device=device)
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------- pool assembly
+
+
+def read_pool_entries(
+    items: Iterable[VQAItem], image_hash: Callable[[VQAItem], str]
+) -> tuple[list[PoolEntry], int]:
+    """Pool entries for every item with a question and a first answer; returns (entries, skipped).
+
+    The original code re-draws a random training example when one lacks a question or answer; leaving
+    such items out of the pool is the deterministic equivalent.
+    """
+    entries: list[PoolEntry] = []
+    skipped = 0
+    for item in items:
+        answer = first_answer(item)
+        question = item.question.strip()
+        if answer is None or not question:
+            skipped += 1
+            continue
+        entries.append(
+            PoolEntry(
+                question_id=item.question_id,
+                image_id=item.image_id,
+                question=item.question,
+                answer=answer,
+                image_hash=image_hash(item),
+                image=item.image,
+            )
+        )
+    return entries, skipped
+
+
+def generate_captions(
+    entries: Sequence[PoolEntry],
+    *,
+    model: str,
+    revision: str | None,
+    batch_size: int,
+    runtime: Runtime,
+    store: Any,
+) -> dict[str, str]:
+    """``{image_hash: caption}`` for the entries' images, from the ImageCaptioning stage and its cache.
+
+    One representative question per distinct image is run (the caption ignores the question), so a
+    VQAv2-sized pool is captioned once per image, not once per question.
+    """
+    from capvqa.engine.runner import BoundStage, PipelineRunner
+    from capvqa.stages.image_captioning import ImageCaptioning
+
+    representatives: dict[str, VQAItem] = {}
+    for entry in entries:
+        if entry.image_hash not in representatives:
+            representatives[entry.image_hash] = VQAItem(
+                question_id=entry.question_id,
+                image_id=entry.image_id,
+                question=entry.question,
+                image=entry.image,
+            )
+    if not representatives:
+        return {}
+    stage = ImageCaptioning(model=model, revision=revision, batch_size=batch_size)
+    bound = BoundStage.create("pool_captioning", stage, {})
+    runner = PipelineRunner([bound], store, runtime)
+    items = list(representatives.values())
+    runner.run_stage(bound, items, total=len(items))
+    image_hash_of = {str(item.question_id): image_hash for image_hash, item in representatives.items()}
+    # the runner's default bad-image policy raises, so every representative has a result
+    return {
+        image_hash_of[str(item.question_id)]: outputs["pool_captioning"].caption
+        for item, outputs in runner.results(items)
+        if outputs is not None
+    }

@@ -1,0 +1,128 @@
+"""One plain whole-image caption per item with the BLIP captioner (PICa's query caption, SPEC §3).
+
+PICa describes the query image with a single caption (VinVL in the paper; BLIP here, as in the rest of
+capvqa), and falls back on it for in-context examples whose image has no COCO caption. Unlike PNP-VQA's
+question-guided captions this one sees the whole image and ignores the question.
+
+Decoding follows BLIP's own COCO captioning setting: beam search with 3 beams, ``min_length`` 5 and
+``max_length`` 20, both counting the prompt tokens (``[DEC] a picture of``) as BLIP's ``generate`` does.
+Beam search is deterministic, so no seed is involved. Each distinct image of a batch is encoded and
+decoded once, and its caption handed to every item that shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from capvqa.engine.runtime import Runtime
+from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.errors import ConfigError
+from capvqa.models.loading import ModelRef, load_model, load_processor
+from capvqa.stages.images import distinct_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageCaptioningConfig:
+    model: str = "Salesforce/blip-image-captioning-large"
+    revision: str | None = None
+    prompt: str = "a picture of "
+    num_beams: int = 3
+    max_length: int = 20  # counts the prompt tokens ([DEC] a picture of), as BLIP's generate does
+    min_length: int = 5
+    batch_size: int = non_semantic(16)
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams must be >= 1, got {self.num_beams}")
+        if not 0 <= self.min_length <= self.max_length:
+            raise ConfigError(
+                f"need 0 <= min_length <= max_length, got {self.min_length} and {self.max_length}"
+            )
+
+
+@dataclass(frozen=True)
+class ImageCaption:
+    """A whole-image caption, without the prompt."""
+
+    caption: str
+
+
+class ImageCaptioning:
+    NAME: ClassVar[str] = "image_captioning"
+    VERSION: ClassVar[str] = "1"
+    INPUTS: ClassVar[tuple[str, ...]] = ()
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+    Config = ImageCaptioningConfig
+    Output = ImageCaption
+
+    def __init__(self, config: ImageCaptioningConfig | None = None, **overrides: Any) -> None:
+        self.config = config or ImageCaptioningConfig(**overrides)
+        self._model: Any = None
+
+    def setup(self, runtime: Runtime) -> None:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        ref = ModelRef(self.config.model, self.config.revision)
+        self.runtime = runtime
+        self.processor = load_processor(BlipProcessor, ref)
+        self._model = load_model(
+            BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype
+        )
+        text_config = self._model.config.text_config
+        prompt_ids = self.processor.tokenizer(self.config.prompt, add_special_tokens=True)["input_ids"]
+        # HF BLIP: [CLS] prompt [SEP] -> [DEC] prompt (the decoder's BOS replaces CLS, SEP dropped)
+        self.prompt_ids = [text_config.bos_token_id, *prompt_ids[1:-1]]
+        self.eos_id = text_config.sep_token_id
+        self.pad_id = text_config.pad_token_id
+        log.info(
+            "image captioning: BLIP %s, beam %d, length %d..%d (prompt included)",
+            self.config.model,
+            self.config.num_beams,
+            self.config.min_length,
+            self.config.max_length,
+        )
+
+    def run(self, batch: Sequence[StageInput]) -> list[ImageCaption]:
+        images, image_index = distinct_images(batch)
+        captions = self.caption_images(images)
+        return [ImageCaption(caption=captions[i]) for i in image_index]
+
+    def caption_images(self, images: list) -> list[str]:
+        """One beam-search caption per PIL image, in order."""
+        cfg, device = self.config, self.runtime.device
+        with torch.inference_mode():
+            pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            image_embeds = self._model.vision_model(pixel_values=pixel_values.to(device, self.runtime.dtype))[
+                0
+            ]
+            image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)
+            prompt_length = len(self.prompt_ids)
+            input_ids = torch.tensor([self.prompt_ids] * len(images), device=device)
+            output = self._model.text_decoder.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+                do_sample=False,
+                num_beams=cfg.num_beams,
+                max_new_tokens=max(cfg.max_length - prompt_length, 1),
+                min_new_tokens=max(cfg.min_length - prompt_length, 0),
+                repetition_penalty=1.0,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+            )
+        decoded = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
+        prefix = cfg.prompt.strip()
+        return [text.removeprefix(prefix).strip() for text in decoded]
+
+    def cleanup(self) -> None:
+        self._model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

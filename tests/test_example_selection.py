@@ -1,0 +1,261 @@
+"""PICa in-context example selection: pure ranking, self-exclusion, modes, and the cached example pool."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from capvqa.data.datasets import open_dataset
+from capvqa.engine.keys import item_fingerprint
+from capvqa.engine.stage import StageInput
+from capvqa.errors import ConfigError
+from capvqa.stages.example_selection import (
+    ExampleSelection,
+    random_examples,
+    similarity_scores,
+    top_examples,
+)
+from capvqa.stages.patch_sampling import item_rng
+
+# ------------------------------------------------------------------------------------- pure ranking
+
+
+def _unit(rows):
+    tensor = torch.tensor(rows, dtype=torch.float32)
+    return torch.nn.functional.normalize(tensor, dim=-1)
+
+
+def test_question_and_image_scores_add_and_rank():
+    pool_text = _unit([[1, 0], [0, 1], [1, 1]])
+    pool_image = _unit([[1, 0], [0, 1]])
+    image_index = torch.tensor([1, 0, 0])  # pool rows 1 and 2 share image 0
+    query_text = _unit([[1, 0]])
+    query_image = _unit([[0, 1]])
+    scores = similarity_scores(
+        query_text, pool_text, query_image=query_image, pool_image=pool_image, image_index=image_index
+    )
+    expected = torch.tensor([[1.0 + 1.0, 0.0 + 0.0, 0.70710678 + 0.0]])
+    assert torch.allclose(scores, expected, atol=1e-6)
+    ranked = top_examples(scores, 2)
+    assert [row for row, _ in ranked[0]] == [0, 2]
+    assert ranked[0][0][1] == pytest.approx(2.0)
+    # question only: row 0 (identical question) first, then row 2
+    question_only = top_examples(similarity_scores(query_text, pool_text), 3)
+    assert [row for row, _ in question_only[0]] == [0, 2, 1]
+
+
+def test_distinct_rows_are_gathered_by_index():
+    distinct = _unit([[1, 0], [0, 1]])
+    text_index = torch.tensor([1, 0, 1, 0])
+    scores = similarity_scores(_unit([[0, 1]]), distinct, text_index=text_index)
+    assert scores.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+
+
+def test_ties_break_by_pool_row_and_exclusion_is_honoured():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    exclude = torch.zeros_like(scores, dtype=torch.bool)
+    exclude[0, 1] = True
+    ranked = top_examples(scores, 3, exclude)
+    assert [r for r, _ in ranked[0]] == [3, 0, 2]
+    assert [r for r, _ in ranked[1]] == [0, 1, 2]
+    everything_excluded = top_examples(scores[:1], 10, torch.ones(1, 5, dtype=torch.bool))
+    assert everything_excluded == [[]]
+    assert len(top_examples(scores[:1], 10, exclude)[0]) == 4  # k larger than the pool: all valid rows
+
+
+def test_random_examples_are_seeded_distinct_and_exclude():
+    first = random_examples(50, 10, item_rng(42, "item-a", "pica-examples"), exclude=[3, 4])
+    again = random_examples(50, 10, item_rng(42, "item-a", "pica-examples"), exclude=[3, 4])
+    other = random_examples(50, 10, item_rng(42, "item-b", "pica-examples"), exclude=[3, 4])
+    assert first == again != other
+    assert len(set(first)) == 10 and not {3, 4} & set(first)
+    assert sorted(random_examples(5, 10, np.random.default_rng(0), exclude=[0])) == [1, 2, 3, 4]
+
+
+def test_config_is_checked_early():
+    with pytest.raises(ConfigError, match="mode"):
+        ExampleSelection(mode="nearest")
+    with pytest.raises(ConfigError, match="n_shot"):
+        ExampleSelection(n_shot=0)
+
+
+# ------------------------------------------------------------------------------- the stage, tiny zoo
+
+
+def _runtime(cpu_runtime, cache_dir):
+    return replace(cpu_runtime, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def sample_inputs():
+    from capvqa.engine.runner import ImageHasher
+    from capvqa.engine.store import CacheStore
+
+    hasher = ImageHasher(CacheStore(None))
+    inputs = []
+    for item in list(open_dataset("sample"))[:6]:
+        image_hash = hasher(item)
+        inputs.append(
+            StageInput(item=item, item_key=item_fingerprint(image_hash, item.question), image_hash=image_hash)
+        )
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def captions_file(tmp_path_factory):
+    """COCO-style captions for sample images 1..5 (two each); images 6..10 are left to the captioner."""
+    annotations = []
+    for image_id in range(1, 6):
+        annotations.append(
+            {"image_id": image_id, "id": 100 + image_id, "caption": f"first caption of {image_id}"}
+        )
+        annotations.append({"image_id": image_id, "id": image_id, "caption": f"second caption of {image_id}"})
+    path = tmp_path_factory.mktemp("coco") / "captions_train2014.json"
+    path.write_text(json.dumps({"images": [], "annotations": annotations}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def selection_settings(tiny_zoo, captions_file):
+    return {
+        "clip_model": str(tiny_zoo["clip"]),
+        "pool_captioner_model": str(tiny_zoo["captioner"]),
+        "pool_dataset": "sample",
+        "pool_captions": str(captions_file),
+        "n_shot": 4,
+        "n_ensemble": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def selection(selection_settings, cpu_runtime, tmp_path_factory):
+    stage = ExampleSelection(**selection_settings)
+    stage.setup(_runtime(cpu_runtime, tmp_path_factory.mktemp("cache")))
+    return stage
+
+
+def test_pool_from_sample_with_file_and_generated_captions(selection):
+    report = selection.report
+    assert report.items == 37 and report.skipped == 0
+    assert report.question_embeddings == "computed" and report.image_embeddings == "computed"
+    by_image = {}
+    for entry, caption in zip(selection.entries, selection.captions):
+        by_image.setdefault(int(entry.image_id), set()).add(caption)
+    for image_id, captions in by_image.items():
+        assert len(captions) == 1  # one caption per image
+        if image_id <= 5:
+            assert captions == {f"first caption of {image_id}"}  # first in annotation order, not by id
+        else:
+            assert not next(iter(captions)).startswith(("first caption", "second caption"))
+    assert report.captions_from_file == sum(1 for e in selection.entries if int(e.image_id) <= 5)
+    assert report.captions_generated == report.items - report.captions_from_file
+
+
+def test_examples_are_ranked_and_never_the_query(selection, sample_inputs):
+    out = selection.run(sample_inputs)
+    assert len(out) == len(sample_inputs)
+    for entry, result in zip(sample_inputs, out):
+        examples = result.examples
+        assert len(examples) == 8
+        assert set(examples[0]) == {"question_id", "question", "answer", "caption", "score"}
+        assert entry.item.question_id not in {e["question_id"] for e in examples}
+        assert len({e["question_id"] for e in examples}) == 8
+        scores = [e["score"] for e in examples]
+        assert scores == sorted(scores, reverse=True)
+    # a batch of one gives the same examples as the batch (scores equal up to float noise)
+    alone = selection.run(sample_inputs[2:3])[0].examples
+    assert [e["question_id"] for e in alone] == [e["question_id"] for e in out[2].examples]
+    assert [e["score"] for e in alone] == pytest.approx([e["score"] for e in out[2].examples], abs=1e-5)
+
+
+def test_answers_are_the_first_annotated_answer(selection):
+    items = {item.question_id: item for item in open_dataset("sample")}
+    for entry in selection.entries:
+        assert entry.answer == items[entry.question_id].answers[0].strip()
+
+
+def test_same_image_and_question_is_excluded_under_another_id(selection, sample_inputs):
+    query = sample_inputs[0]
+    renamed = replace(query, item=replace(query.item, question_id="copy-of-a-pool-question"))
+    examples = selection.run([renamed])[0].examples
+    assert query.item.question_id not in {e["question_id"] for e in examples}
+
+
+def test_second_setup_reads_the_cached_pool(selection_settings, cpu_runtime, tmp_path, sample_inputs):
+    runtime = _runtime(cpu_runtime, tmp_path)
+    first = ExampleSelection(**selection_settings)
+    first.setup(runtime)
+    arrays = sorted((tmp_path / "example-pools").glob("*.npy"))
+    assert len(arrays) == 2
+    mtimes = [p.stat().st_mtime_ns for p in arrays]
+    second = ExampleSelection(**selection_settings)
+    second.setup(runtime)
+    assert second.report.question_embeddings == "cached" and second.report.image_embeddings == "cached"
+    assert [p.stat().st_mtime_ns for p in arrays] == mtimes
+    assert not list((tmp_path / "example-pools").glob("*.tmp"))
+    assert [[e["question_id"] for e in r.examples] for r in second.run(sample_inputs[:2])] == [
+        [e["question_id"] for e in r.examples] for r in first.run(sample_inputs[:2])
+    ]
+
+
+def test_pool_captions_from_the_captioner_are_cached(selection_settings, cpu_runtime, tmp_path):
+    from capvqa.engine.store import CacheStore
+
+    settings = dict(selection_settings, pool_captions=None)
+    stage = ExampleSelection(**settings)
+    stage.setup(_runtime(cpu_runtime, tmp_path))
+    assert stage.report.captions_from_file == 0 and stage.report.captions_generated == 37
+    usage = {u.stage: u.entries for u in CacheStore(tmp_path).usage()}
+    assert usage == {"image_captioning": 10}  # one caption per distinct image, in the stage cache
+    again = ExampleSelection(**settings)
+    again.setup(_runtime(cpu_runtime, tmp_path))
+    assert again.captions == stage.captions
+    assert {u.stage: u.entries for u in CacheStore(tmp_path).usage()} == {"image_captioning": 10}
+
+
+def test_question_mode_ignores_images(selection_settings, cpu_runtime, tmp_path, sample_inputs):
+    stage = ExampleSelection(**dict(selection_settings, mode="question"))
+    stage.setup(_runtime(cpu_runtime, tmp_path))
+    assert stage.report.image_embeddings == "unused"
+    query = sample_inputs[0]
+    pool_twin = next(e for e in stage.entries if e.image_hash != query.image_hash)
+    # the query's image with another image's question: question mode ranks that question first, score ~1
+    probe = replace(query, item=replace(query.item, question_id="probe", question=pool_twin.question))
+    best = stage.run([probe])[0].examples[0]
+    assert best["question"] == pool_twin.question and best["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_random_mode_is_seeded_per_item(selection_settings, cpu_runtime, tmp_path, sample_inputs):
+    stage = ExampleSelection(**dict(selection_settings, mode="random"))
+    stage.setup(_runtime(cpu_runtime, tmp_path))
+    assert stage._encoder is None  # no CLIP needed
+    assert stage.report.question_embeddings == stage.report.image_embeddings == "unused"
+    together = stage.run(sample_inputs)
+    alone = [stage.run([entry])[0] for entry in sample_inputs]
+    assert together == alone
+    for entry, result in zip(sample_inputs, together):
+        ids = [e["question_id"] for e in result.examples]
+        assert len(ids) == len(set(ids)) == 8 and entry.item.question_id not in ids
+        assert all(e["score"] is None for e in result.examples)
+    assert together[0].examples != together[1].examples
+    reseeded = ExampleSelection(**dict(selection_settings, mode="random", seed=7))
+    reseeded.setup(_runtime(cpu_runtime, tmp_path))
+    assert reseeded.run(sample_inputs[:1])[0].examples != together[0].examples
+
+
+def test_runs_through_the_engine_with_its_cache(selection_settings, cpu_runtime, tmp_path):
+    from capvqa.engine.runner import BoundStage, PipelineRunner
+    from capvqa.engine.store import CacheStore
+
+    stage = ExampleSelection(**dict(selection_settings, mode="random"))
+    bound = BoundStage.create("examples", stage, {})
+    store = CacheStore(tmp_path)
+    runner = PipelineRunner([bound], store, _runtime(cpu_runtime, tmp_path))
+    items = list(open_dataset("sample", limit=3))
+    stats = runner.run_stage(bound, items)
+    assert stats.computed == 3
+    assert runner.run_stage(bound, items).cached == 3
+    results = [outputs["examples"] for _, outputs in runner.results(items)]
+    assert all(len(r.examples) == 8 for r in results)
