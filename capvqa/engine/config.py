@@ -29,9 +29,10 @@ import yaml
 from capvqa.errors import ConfigError
 from capvqa.resources import pipelines_dir
 
-_RESERVED_STAGE_KEYS = ("type", "model", "inputs")
-_TOP_LEVEL_KEYS = ("name", "method", "description", "extends", "seed", "models", "stages", "answer",
+_RESERVED_STAGE_KEYS = ("type", "model", "models", "inputs")
+_TOP_LEVEL_KEYS = ("name", "method", "description", "extends", "seed", "task", "models", "stages", "answer",
                    "models_preset", "run")
+TASKS = ("auto", "vqav2", "okvqa")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class StageSpec:
 
     name: str
     type: str
-    model_role: str | None
+    model_roles: dict[str, str]  # config field holding a model id -> role in the pipeline's models
     inputs: dict[str, str]
     params: dict[str, Any]
 
@@ -54,6 +55,7 @@ class PipelineSpec:
     models: dict[str, str]
     stages: tuple[StageSpec, ...]
     answer: str
+    task: str = "auto"
     models_preset: str | None = None
     run: dict[str, Any] = field(default_factory=dict)
 
@@ -62,8 +64,8 @@ class PipelineSpec:
         stages: dict[str, Any] = {}
         for stage in self.stages:
             node: dict[str, Any] = {"type": stage.type}
-            if stage.model_role:
-                node["model"] = stage.model_role
+            if stage.model_roles:
+                node["models"] = dict(stage.model_roles)
             if stage.inputs:
                 node["inputs"] = dict(stage.inputs)
             node.update(stage.params)
@@ -73,6 +75,7 @@ class PipelineSpec:
             "method": self.method,
             "description": self.description,
             "seed": self.seed,
+            "task": self.task,
             "models": dict(self.models),
             "stages": stages,
             "answer": self.answer,
@@ -165,7 +168,7 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     stages = data.get("stages") or {}
     models = data.get("models") or {}
     head = parts[0]
-    if head in ("seed", "answer", "name", "description") and len(parts) == 1:
+    if head in ("seed", "task", "answer", "name", "description") and len(parts) == 1:
         data[head] = value
         return
     if head == "models" and len(parts) == 2:
@@ -183,7 +186,7 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
             )
         stages[head][param] = value
         return
-    valid_keys = ["seed", *(f"models.{r}" for r in models)]
+    valid_keys = ["seed", "task", *(f"models.{r}" for r in models)]
     for stage_name, node in stages.items():
         valid_keys += [f"{stage_name}.{p}" for p in sorted(_stage_param_names(node))]
     raise ConfigError(f"unknown key {'.'.join(parts)!r}; valid keys: {valid_keys}")
@@ -199,8 +202,25 @@ def import_stage_class(path: str) -> type:
 
 def _stage_param_names(node: dict[str, Any]) -> set[str]:
     stage_class = import_stage_class(str(node.get("type", "")))
-    # a stage's model is chosen through its role (models.ROLE=...), not as a stage parameter
-    return {f.name for f in dataclasses.fields(stage_class.Config)} - {"model"}
+    # a model bound to a role is chosen through the role (models.ROLE=...), not as a stage parameter
+    return {f.name for f in dataclasses.fields(stage_class.Config)} - set(_model_roles(node, stage_class))
+
+
+def _model_roles(node: dict[str, Any], stage_class: type) -> dict[str, str]:
+    """``model: ROLE`` binds the stage's first model field; ``models: {field: ROLE}`` binds any."""
+    roles: dict[str, str] = {}
+    model_fields = tuple(getattr(stage_class, "MODEL_FIELDS", ()))
+    if node.get("model") is not None:
+        if not model_fields:
+            raise ConfigError(f"stage type {node.get('type')} loads no model, so it takes no 'model' role")
+        roles[model_fields[0]] = str(node["model"])
+    for field_name, role in (node.get("models") or {}).items():
+        if field_name not in model_fields:
+            raise ConfigError(
+                f"stage type {node.get('type')} has no model field {field_name!r}; model fields: {list(model_fields)}"
+            )
+        roles[str(field_name)] = str(role)
+    return roles
 
 
 def load_spec(
@@ -232,9 +252,10 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
             raise ConfigError(f"{origin}: stage {name!r} needs a 'type' (dotted class path)")
         stage_class = import_stage_class(node["type"])
         params = {k: v for k, v in node.items() if k not in _RESERVED_STAGE_KEYS}
-        role = node.get("model")
-        if role is not None and role not in models:
-            raise ConfigError(f"{origin}: stage {name!r} uses model role {role!r}; roles: {sorted(models)}")
+        roles = _model_roles(node, stage_class)
+        for role in roles.values():
+            if role not in models:
+                raise ConfigError(f"{origin}: stage {name!r} uses model role {role!r}; roles: {sorted(models)}")
         inputs = {str(k): str(v) for k, v in (node.get("inputs") or {}).items()}
         earlier = [s.name for s in stages]
         for input_name, upstream in inputs.items():
@@ -246,13 +267,13 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
         missing_inputs = sorted(set(stage_class.INPUTS) - set(inputs))
         if missing_inputs:
             raise ConfigError(f"{origin}: stage {name!r} ({node['type']}) needs inputs {missing_inputs}")
-        config_fields = {f.name for f in dataclasses.fields(stage_class.Config)} - {"model"}
+        config_fields = {f.name for f in dataclasses.fields(stage_class.Config)} - set(roles)
         unknown = sorted(set(params) - config_fields)
         if unknown:
             raise ConfigError(
                 f"{origin}: stage {name!r} has unknown parameters {unknown}; valid: {sorted(config_fields)}"
             )
-        stages.append(StageSpec(name=str(name), type=node["type"], model_role=role, inputs=inputs, params=params))
+        stages.append(StageSpec(name=str(name), type=node["type"], model_roles=roles, inputs=inputs, params=params))
     answer = data.get("answer") or stages[-1].name
     if answer not in {s.name for s in stages}:
         raise ConfigError(f"{origin}: answer stage {answer!r} is not one of the stages")
@@ -261,6 +282,7 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
         method=str(data.get("method") or ""),
         description=str(data.get("description") or ""),
         seed=int(data.get("seed", 42)),
+        task=_check_task(data.get("task", "auto"), origin),
         models=models,
         stages=tuple(stages),
         answer=answer,
@@ -272,15 +294,32 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
     return spec
 
 
+def _check_task(task: Any, origin: str) -> str:
+    if task not in TASKS:
+        raise ConfigError(f"{origin}: task must be one of {list(TASKS)}, got {task!r}")
+    return str(task)
+
+
+def resolve_task(task: str, dataset_name: str | None) -> str:
+    """``auto`` -> ``okvqa`` when the dataset is OK-VQA (by name), else ``vqav2``."""
+    if task != "auto":
+        return task
+    name = (dataset_name or "").lower().replace("-", "").replace("_", "")
+    return "okvqa" if "okvqa" in name else "vqav2"
+
+
 def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
-    """The stage's frozen config dataclass, with the model role resolved and the pipeline seed applied."""
+    """The stage's frozen config dataclass: model roles resolved to ids, the pipeline seed and task
+    applied to stages that have such fields (unless the stage sets them itself)."""
     stage_class = import_stage_class(stage.type)
     params = dict(stage.params)
-    if stage.model_role is not None:
-        params["model"] = spec.models[stage.model_role]
+    for field_name, role in stage.model_roles.items():
+        params[field_name] = spec.models[role]
     field_types = {f.name: f for f in dataclasses.fields(stage_class.Config)}
     if "seed" in field_types and "seed" not in params:
         params["seed"] = spec.seed
+    if "task" in field_types and "task" not in params:
+        params["task"] = resolve_task(spec.task, None) if spec.task == "auto" else spec.task
     try:
         config = stage_class.Config(**params)
     except TypeError as error:

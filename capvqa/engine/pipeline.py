@@ -26,7 +26,7 @@ import yaml
 
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
-from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec
+from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec, resolve_task
 from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats
 from capvqa.engine.runtime import Runtime, make_runtime
 from capvqa.engine.store import CacheStore
@@ -55,12 +55,19 @@ class Pipeline:
         """Load ``pipelines/NAME.yaml`` (or a path), apply ``key=value`` overrides and a models preset."""
         return cls(load_spec(name_or_path, tuple(overrides), models_preset=models))
 
-    def build_stages(self) -> list[BoundStage]:
+    def resolved_spec(self, items: Iterable[VQAItem] | None = None) -> PipelineSpec:
+        """The spec with ``task: auto`` resolved from the dataset's name (OK-VQA or not)."""
+        if self.spec.task != "auto":
+            return self.spec
+        return replace(self.spec, task=resolve_task("auto", getattr(items, "name", None)))
+
+    def build_stages(self, spec: PipelineSpec | None = None) -> list[BoundStage]:
         """Instantiate every stage (configs only; weights load lazily on the first cache miss)."""
+        spec = spec or self.resolved_spec()
         bound = []
-        for stage_spec in self.spec.stages:
+        for stage_spec in spec.stages:
             stage_class = import_stage_class(stage_spec.type)
-            stage = stage_class(build_stage_config(self.spec, stage_spec))
+            stage = stage_class(build_stage_config(spec, stage_spec))
             bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs))
         return bound
 
@@ -86,12 +93,13 @@ class Pipeline:
         runtime = runtime or make_runtime()
         if runtime.cache_dir is None:
             runtime = replace(runtime, cache_dir=store.directory)
-        runner = PipelineRunner(self.build_stages(), store, runtime, progress, on_bad_image=on_bad_image)
+        spec = self.resolved_spec(items)
+        runner = PipelineRunner(self.build_stages(spec), store, runtime, progress, on_bad_image=on_bad_image)
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
             _prepare_out_dir(out)
-            spec_dict = self.spec.to_dict()
+            spec_dict = spec.to_dict()
             spec_dict["run"] = {**(run_settings or {}), "device": str(runtime.device), "dtype": runtime.dtype_name}
             _atomic_write(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
 

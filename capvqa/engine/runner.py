@@ -34,6 +34,14 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 COMMIT_LOG_ENV = "CAPVQA_COMMIT_LOG"
 
 
+def revision_field(model_field: str) -> str:
+    """The config field holding a model field's hub revision: model -> revision, clip_model ->
+    clip_revision, llm -> llm_revision."""
+    if model_field == "model":
+        return "revision"
+    return model_field.removesuffix("_model") + "_revision"
+
+
 @dataclass
 class BoundStage:
     """A stage object placed in a pipeline: its name there, where its inputs come from, its key part."""
@@ -49,8 +57,10 @@ class BoundStage:
 
         config = stage.config
         models = {
-            field_name: model_fingerprint(ModelRef(getattr(config, field_name), getattr(config, "revision", None)))
+            field_name: model_fingerprint(ModelRef(getattr(config, field_name),
+                                                   getattr(config, revision_field(field_name), None)))
             for field_name in stage.MODEL_FIELDS
+            if getattr(config, field_name, None)
         }
         fingerprint = stage_fingerprint(f"{stage.NAME}", stage.VERSION, semantic_config(config), models)
         return cls(name=name, stage=stage, inputs=dict(inputs), fingerprint=fingerprint)
