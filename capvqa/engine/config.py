@@ -238,6 +238,12 @@ def load_spec(
 
         data["models"] = apply_models_preset(models_preset, data.get("models") or {})
         data["models_preset"] = models_preset
+        if models_preset == "tiny":
+            # fine-tuned checkpoints for the full-size architectures (e.g. Img2LLM's T5_large_QG.pth)
+            # cannot load into tiny models: tiny runs use the tiny weights alone
+            for node in (data.get("stages") or {}).values():
+                if isinstance(node, dict) and node.get("checkpoint"):
+                    node["checkpoint"] = None
     return _validate(data, str(name_or_path))
 
 

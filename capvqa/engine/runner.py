@@ -56,12 +56,16 @@ class BoundStage:
         from capvqa.models.loading import ModelRef, model_fingerprint
 
         config = stage.config
-        models = {
-            field_name: model_fingerprint(ModelRef(getattr(config, field_name),
-                                                   getattr(config, revision_field(field_name), None)))
-            for field_name in stage.MODEL_FIELDS
-            if getattr(config, field_name, None)
-        }
+        single = len(stage.MODEL_FIELDS) == 1
+        models = {}
+        for field_name in stage.MODEL_FIELDS:
+            model_id = getattr(config, field_name, None)
+            if not model_id:
+                continue
+            revision_name = revision_field(field_name)
+            if single and not hasattr(config, revision_name):
+                revision_name = "revision"  # a stage with one model may call its revision just "revision"
+            models[field_name] = model_fingerprint(ModelRef(model_id, getattr(config, revision_name, None)))
         fingerprint = stage_fingerprint(f"{stage.NAME}", stage.VERSION, semantic_config(config), models)
         return cls(name=name, stage=stage, inputs=dict(inputs), fingerprint=fingerprint)
 
