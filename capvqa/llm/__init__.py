@@ -1,0 +1,100 @@
+"""Frozen language models behind one small interface: prompts in, greedy completions out, aligned.
+
+Two kinds of backend implement :class:`LLMBackend`:
+
+* :mod:`capvqa.llm.huggingface` runs a causal LM (OPT, Llama, ...) or a seq2seq LM (FLAN-T5, ...) locally
+  with batched greedy decoding;
+* :mod:`capvqa.llm.openai_api` calls an OpenAI-compatible ``/completions`` endpoint (OpenAI, vLLM, TGI,
+  llama.cpp server) with the standard library only.
+
+Both return, per prompt, the completion *cut at the first stop string* and the summed log-probability of
+the tokens that produced the kept text (see :func:`covering_prefix_length`), so the ensemble of PICa and
+the single answer of Img2LLM read the same numbers whichever backend ran. This module holds the value
+objects and the pure helpers both backends share; it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Completion",
+    "GenerationSettings",
+    "LLMBackend",
+    "covering_prefix_length",
+    "cut_at_stop",
+]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode: always greedy; at most ``max_new_tokens`` new tokens; cut at the first of ``stop``."""
+
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's greedy completion.
+
+    ``text`` is the generated text (special tokens removed) cut before the first stop string; ``logprob``
+    sums the log-probabilities of the ``num_tokens`` generated tokens that produced ``text`` (None when an
+    API returned none); ``prompt_tokens_dropped`` counts prompt tokens removed from the left so that the
+    prompt plus ``max_new_tokens`` fit the model's context (0 when nothing was removed or not known).
+    ``token_ids`` are those tokens, when the backend knows them (local models), for inspection and tests.
+    """
+
+    text: str
+    logprob: float | None
+    num_tokens: int
+    prompt_tokens_dropped: int = 0
+    token_ids: tuple[int, ...] | None = None
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    """Greedy completion of many prompts; results aligned to ``prompts``."""
+
+    name: str
+
+    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]: ...
+
+    def close(self) -> None: ...
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to (excluding) the earliest occurrence of any stop string, and whether one occurred.
+
+    "Earliest" is by position in the text, not by order in ``stop``: with stops ("\\n", ".") the text
+    "a.b\\nc" is cut to "a".
+    """
+    positions = [text.find(s) for s in stop if s]
+    positions = [p for p in positions if p >= 0]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+def covering_prefix_length(prefix_texts: Sequence[str], text: str) -> int:
+    """How many generated tokens produced ``text``: the smallest k whose decoded prefix covers it.
+
+    ``prefix_texts[k - 1]`` is the decoding of the first k generated tokens. A token that straddles the
+    stop string (e.g. "dog." when the stop is ".") counts, because it produced kept characters; tokens
+    made only of the stop string or of what follows it do not. This is what PICa sums ("token
+    log-probabilities until the newline token") and it is the same rule for local and API backends.
+    An empty ``text`` is produced by no token (sum 0). When no prefix starts with ``text`` (byte-level
+    tokens that decode to replacement characters until a later token completes them), the first prefix
+    at least as long as ``text`` is taken; failing that, all tokens.
+    """
+    if not text:
+        return 0
+    for k, prefix in enumerate(prefix_texts, start=1):
+        if prefix.startswith(text):
+            return k
+    for k, prefix in enumerate(prefix_texts, start=1):
+        if len(prefix) >= len(text):
+            return k
+    return len(prefix_texts)

@@ -1,0 +1,345 @@
+"""Local Hugging Face language models: batched greedy completion with stop strings and log-probabilities.
+
+Causal LMs (OPT, Llama, ...) are fed left-padded batches, so every row's next token sits in the last
+column and one ``generate`` call serves prompts of different lengths; the attention mask (and the
+position ids the model derives from it) makes a padded row compute what it would alone. Seq2seq LMs
+(FLAN-T5, ...) take right-padded encoder inputs, as they were trained. Within a call, prompts are sorted
+by length (longest first) and cut into groups of ``prompts_per_generate``, so padding stays small and an
+out-of-memory error shows on the first group; results are put back in input order.
+
+Decoding is greedy. A stopping criterion marks a row finished once its decoded text contains a stop
+string (or the model emits end-of-sequence), and generation ends when every row is finished or
+``max_new_tokens`` is reached. Afterwards each row is cut at its first end-of-sequence and its decoded
+text at the first stop string; the completion's log-probability is the sum, over the generated tokens
+that produced the kept text (:func:`capvqa.llm.covering_prefix_length`), of log-softmax of the model's
+raw logits (``output_logits``, i.e. before any logits processor) at the chosen token.
+
+The context rule of Img2LLM (prompt + answer <= context length) is enforced by left-truncating a causal
+LM's prompt to ``context_length - max_new_tokens`` tokens, keeping the tokenizer's special prefix (e.g.
+OPT's ``</s>``); for a seq2seq LM the encoder input is left-truncated to ``context_length``. The number of
+dropped tokens is returned with each completion, so it is recorded with the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from capvqa.engine.runtime import Runtime
+from capvqa.errors import ConfigError, ModelLoadError
+from capvqa.llm import Completion, GenerationSettings, covering_prefix_length, cut_at_stop
+from capvqa.models.loading import ModelRef, load_model, load_processor
+
+log = logging.getLogger(__name__)
+
+LM_KINDS = ("causal", "seq2seq")
+# Tokenizers without a known limit report ~1e30 (transformers' VERY_LARGE_INTEGER): "not set".
+_UNSET_MAX_LENGTH = 10**8
+_POSITION_ATTRIBUTES = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def resolve_lm_kind(requested: str, is_encoder_decoder: bool) -> str:
+    """ "causal" or "seq2seq": as requested, or for "auto" from the model config's ``is_encoder_decoder``."""
+    if requested == "auto":
+        return "seq2seq" if is_encoder_decoder else "causal"
+    if requested not in LM_KINDS:
+        raise ConfigError(f"unknown LM kind {requested!r}; use auto, {', '.join(LM_KINDS)}")
+    return requested
+
+
+def default_context_length(model_config: Any, tokenizer_max_length: int | None, kind: str) -> int | None:
+    """The context length to respect when none is configured (None: no known limit).
+
+    A causal LM's is its number of learned/rotary positions from the config (``max_position_embeddings``
+    and its aliases), else the tokenizer's ``model_max_length``. A seq2seq LM (T5 has relative positions
+    and no hard limit) uses the tokenizer's ``model_max_length``, the input length it was trained with.
+    """
+    tokenizer_limit = (
+        tokenizer_max_length if tokenizer_max_length and tokenizer_max_length < _UNSET_MAX_LENGTH else None
+    )
+    if kind == "seq2seq":
+        return tokenizer_limit
+    configs = [model_config]
+    text_config = getattr(model_config, "get_text_config", None)
+    if callable(text_config):
+        configs.append(text_config())
+    for config in configs:
+        for attribute in _POSITION_ATTRIBUTES:
+            value = getattr(config, attribute, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return tokenizer_limit
+
+
+def left_truncate(ids: list[int], content_ids: list[int], limit: int) -> tuple[list[int], int]:
+    """Fit a tokenized prompt into ``limit`` tokens by dropping content tokens from the left.
+
+    ``ids`` is the prompt tokenized with special tokens, ``content_ids`` without; the special prefix and
+    suffix around the content (OPT's leading ``</s>``, T5's trailing ``</s>``) are kept, because a model
+    has only ever seen its inputs framed so. Returns the kept ids and how many content tokens were
+    dropped. Raises ConfigError when even the special tokens do not fit.
+    """
+    if len(ids) <= limit:
+        return list(ids), 0
+    n = len(content_ids)
+    start = next((p for p in range(len(ids) - n + 1) if ids[p : p + n] == content_ids), None)
+    if start is None:  # the tokenizer merged specials into the content: keep the last tokens
+        return list(ids[-limit:]), len(ids) - limit
+    prefix, suffix = ids[:start], ids[start + n :]
+    keep = limit - len(prefix) - len(suffix)
+    if keep <= 0:
+        raise ConfigError(
+            f"a prompt cannot be fitted into {limit} tokens: raise context_length or lower max_new_tokens"
+        )
+    return [*prefix, *content_ids[n - keep :], *suffix], n - keep
+
+
+def first_eos(tokens: Sequence[int], eos_ids: frozenset[int]) -> int:
+    """Index of the first end-of-sequence token in ``tokens`` (``len(tokens)`` when there is none)."""
+    return next((i for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
+
+
+def chosen_token_logprobs(step_logits: Sequence[torch.Tensor], generated: torch.Tensor) -> torch.Tensor:
+    """(rows, steps) log-probabilities of the generated tokens under the raw logits of each step.
+
+    Computed in float32 whatever the model's dtype, one step at a time so only one (rows, vocab) slice
+    is expanded at once.
+    """
+    columns = [
+        step.float().log_softmax(-1).gather(1, generated[:, t : t + 1].to(step.device)).squeeze(1).cpu()
+        for t, step in enumerate(step_logits)
+    ]
+    return torch.stack(columns, dim=1) if columns else torch.zeros((generated.shape[0], 0))
+
+
+class DecodedStopCriteria(StoppingCriteria):
+    """Finish a row once the text it generated contains any stop string.
+
+    Checking the decoded text rather than token ids catches a stop string however it was tokenized
+    ("." alone, "dog." or ".\\n"). ``start`` is the column where generated tokens begin in ``input_ids``
+    (the padded prompt length for a causal LM, 1 for a seq2seq decoder).
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], start: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.start = start
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        done = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backend
+
+
+class HuggingFaceLM:
+    """A frozen local causal or seq2seq LM answering prompts greedily (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        kind: str,
+        context_length: int | None,
+        prompts_per_generate: int = 16,
+        name: str = "",
+    ) -> None:
+        if kind not in LM_KINDS:
+            raise ConfigError(f"unknown LM kind {kind!r}; use one of {LM_KINDS}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.context_length = context_length
+        self.prompts_per_generate = max(1, prompts_per_generate)
+        self.name = name or f"hf-{kind}"
+        self.pad_id = next(
+            (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None), 0
+        )
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos_ids)
+
+    @classmethod
+    def load(
+        cls,
+        ref: ModelRef,
+        runtime: Runtime,
+        *,
+        kind: str = "auto",
+        context_length: int | None = None,
+        device_map: str | None = None,
+        trust_remote_code: bool = False,
+        prompts_per_generate: int = 16,
+    ) -> HuggingFaceLM:
+        """Load tokenizer and model by hub id or folder; ``kind`` "auto" reads ``is_encoder_decoder``.
+
+        With ``device_map`` (e.g. "auto" for a model larger than one device) the weights are placed by
+        accelerate and not moved afterwards; inputs go to the device of the input embeddings.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
+        try:
+            model_config = AutoConfig.from_pretrained(ref.id, **ref.pretrained_kwargs(), **remote)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"could not read the config of the LLM {ref.id!r}: {error}. Point the model at a local "
+                "folder or download it once where the hub is reachable (`hf download ID`)."
+            ) from error
+        resolved = resolve_lm_kind(kind, bool(getattr(model_config, "is_encoder_decoder", False)))
+        model_class = AutoModelForSeq2SeqLM if resolved == "seq2seq" else AutoModelForCausalLM
+        placement = {"device_map": device_map} if device_map else {}
+        tokenizer = load_processor(AutoTokenizer, ref, **remote)
+        model = load_model(
+            model_class, ref, device=runtime.device, dtype=runtime.dtype, **placement, **remote
+        )
+        if context_length is None:
+            context_length = default_context_length(
+                model.config, getattr(tokenizer, "model_max_length", None), resolved
+            )
+        return cls(
+            model,
+            tokenizer,
+            kind=resolved,
+            context_length=context_length,
+            prompts_per_generate=prompts_per_generate,
+            name=f"hf-{resolved}:{ref.id}",
+        )
+
+    @property
+    def input_device(self) -> torch.device:
+        embeddings = self.model.get_input_embeddings()
+        return embeddings.weight.device if embeddings is not None else self.model.device
+
+    def prompt_limit(self, max_new_tokens: int) -> int | None:
+        """Most prompt tokens allowed: a causal LM's answer shares the context with its prompt."""
+        if self.context_length is None:
+            return None
+        limit = self.context_length - (max_new_tokens if self.kind == "causal" else 0)
+        if limit <= 0:
+            raise ConfigError(
+                f"context_length {self.context_length} leaves no room for a prompt with max_new_tokens "
+                f"{max_new_tokens}"
+            )
+        return limit
+
+    def encode(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], int]]:
+        """Token ids of each prompt, left-truncated to fit, with the number of tokens dropped."""
+        ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        limit = self.prompt_limit(max_new_tokens)
+        if limit is None:
+            return [(list(row), 0) for row in ids]
+        too_long = [i for i, row in enumerate(ids) if len(row) > limit]
+        content = {}
+        if too_long:
+            plain = self.tokenizer([prompts[i] for i in too_long], add_special_tokens=False)["input_ids"]
+            content = dict(zip(too_long, plain))
+        encoded = [left_truncate(list(row), list(content.get(i, row)), limit) for i, row in enumerate(ids)]
+        dropped = sum(n for _, n in encoded)
+        if dropped:
+            log.warning(
+                "llm: %d of %d prompt(s) left-truncated to %d tokens (context %d); %d tokens dropped",
+                len(too_long),
+                len(prompts),
+                limit,
+                self.context_length,
+                dropped,
+            )
+        return encoded
+
+    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
+        """Greedy completions aligned to ``prompts`` (see the module docstring)."""
+        if not prompts:
+            return []
+        encoded = self.encode(prompts, settings.max_new_tokens)
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))  # longest first
+        results: list[Completion | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.prompts_per_generate):
+            group = order[start : start + self.prompts_per_generate]
+            for i, (tokens, logprob, text) in zip(
+                group, self._generate([encoded[i][0] for i in group], settings)
+            ):
+                results[i] = Completion(
+                    text=text,
+                    logprob=logprob,
+                    num_tokens=len(tokens),
+                    prompt_tokens_dropped=encoded[i][1],
+                    token_ids=tuple(tokens),
+                )
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _generate(
+        self, rows: list[list[int]], settings: GenerationSettings
+    ) -> list[tuple[list[int], float, str]]:
+        """One ``generate`` call over token rows: (kept token ids, their summed logprob, kept text) each."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            if self.kind == "causal":  # left padding: the next token of every row is in the last column
+                ids[r, width - len(row) :] = torch.tensor(row)
+                mask[r, width - len(row) :] = 1
+            else:
+                ids[r, : len(row)] = torch.tensor(row)
+                mask[r, : len(row)] = 1
+        device = self.input_device
+        start = width if self.kind == "causal" else 1  # seq2seq decoder rows begin with the start token
+        criteria = (
+            StoppingCriteriaList([DecodedStopCriteria(self.tokenizer, settings.stop, start)])
+            if settings.stop
+            else None
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=self.pad_id,
+                stopping_criteria=criteria,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            steps = len(out.logits)
+            generated = out.sequences[:, out.sequences.shape[1] - steps :]
+            token_logprobs = chosen_token_logprobs(out.logits, generated)
+        results = []
+        for r, tokens in enumerate(generated.tolist()):
+            tokens = tokens[: first_eos(tokens, self.eos_ids)]
+            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text, _ = cut_at_stop(full, settings.stop)
+            prefixes = [
+                self.tokenizer.decode(tokens[:k], skip_special_tokens=True) for k in range(1, len(tokens) + 1)
+            ]
+            kept = covering_prefix_length(prefixes, text)
+            results.append((tokens[:kept], float(token_logprobs[r, :kept].sum()), text))
+        return results
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

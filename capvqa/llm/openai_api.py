@@ -1,0 +1,271 @@
+"""An OpenAI-compatible *completions* client (OpenAI, vLLM, TGI, llama.cpp server) on the standard library.
+
+``POST {base_url}/completions`` with ``{"model", "prompt", "max_tokens", "temperature": 0, "logprobs": 1,
+"stop": [...]}``, one request per prompt, at most ``concurrency`` in flight. The answer is
+``choices[0].text`` (cut at the first stop string again, in case a server ignores ``stop``) and its
+log-probability the sum of ``choices[0].logprobs.token_logprobs`` over the tokens that produced the kept
+text (:func:`capvqa.llm.covering_prefix_length`; servers differ in whether they return the stop token).
+
+Transient failures -- HTTP 429 and 5xx, refused or dropped connections, timeouts -- are retried with
+exponential backoff and full jitter (a ``Retry-After`` header, in seconds, is honoured instead when
+given), at most ``max_retries`` times; then a :class:`UserError` says which URL failed how. Other HTTP
+errors (401, 404, 400: a wrong key, model name or request) are not retried, and redirects are not
+followed (they would carry the key to another address).
+
+The API key is read from the environment variable *named* in the config at construction and lives only
+in this object's request headers: it is never part of a config, a cache key, a record, a log line or an
+error message (server messages are scrubbed of it before they are shown).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
+from typing import Any
+
+from capvqa.errors import ConfigError, UserError
+from capvqa.llm import Completion, GenerationSettings, covering_prefix_length, cut_at_stop
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_S = 300.0  # a server asking for longer than this is treated as down
+_MESSAGE_CHARS = 300
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would resend the Authorization header (the key) to wherever they point."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class _Transient(Exception):
+    """A failure worth retrying; ``retry_after`` is the server's requested wait, if any."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds (fractions accepted) or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds)
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(max_s, base_s * 2**attempt)]."""
+    return rng.uniform(0.0, min(max_s, base_s * (2**attempt)))
+
+
+class OpenAICompletionsClient:
+    """Greedy completions from an OpenAI-compatible server; results aligned to the prompts."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 4,
+        max_retries: int = 5,
+        timeout_s: float = 60.0,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+            raise ConfigError("need concurrency >= 1, max_retries >= 0 and timeout_s > 0 for the LLM API")
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise UserError(
+                f"the LLM API key is read from the environment variable {api_key_env}, which is not set or "
+                f"empty; export {api_key_env}=<your key> (or set api_key_env to the variable that holds it). "
+                "Keys are never read from configs."
+            )
+        self.url = base_url.rstrip("/") + "/completions"
+        self.model = model
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.name = f"openai:{model}@{base_url.rstrip('/')}"
+        self._key = key
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAICompletionsClient(url={self.url!r}, model={self.model!r})"
+
+    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
+        """One completion per prompt, in order; raises UserError when a prompt fails for good."""
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(
+            max_workers=min(self.concurrency, len(prompts)), thread_name_prefix="capvqa-llm-api"
+        ) as pool:
+            futures = [pool.submit(self._complete_one, prompt, settings) for prompt in prompts]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def _complete_one(self, prompt: str, settings: GenerationSettings) -> Completion:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": settings.max_new_tokens,
+            "temperature": 0,
+            "logprobs": 1,
+        }
+        if settings.stop:
+            body["stop"] = list(settings.stop)
+        return completion_from_response(self._post(body), settings.stop)
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with bounded retries; the parsed JSON response."""
+        data = json.dumps(body).encode()
+        attempts = self.max_retries + 1
+        last = ""
+        for attempt in range(attempts):
+            try:
+                return self._post_once(data)
+            except _Transient as error:
+                last = error.reason
+                if attempt + 1 == attempts:
+                    break
+                if error.retry_after is not None:
+                    if error.retry_after > MAX_RETRY_AFTER_S:
+                        last += f" (server asked to retry after {error.retry_after:.0f} s)"
+                        break
+                    delay = error.retry_after
+                else:
+                    with self._rng_lock:
+                        delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
+                log.warning(
+                    "LLM API %s: %s; retry %d/%d in %.2f s",
+                    self.url,
+                    last,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise UserError(
+            f"the LLM API at {self.url} (model {self.model!r}) failed after {attempts} attempt(s): {last}. "
+            "Check that the server is up and the model name is right, or raise max_retries / timeout_s."
+        )
+
+    def _post_once(self, data: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.url,
+            data=data,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "Authorization": f"Bearer {self._key}",
+            },
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            message = self._scrub(_read_error_body(error))
+            reason = f"HTTP {error.code}" + (f": {message}" if message else "")
+            if error.code in RETRY_STATUS:
+                raise _Transient(reason, parse_retry_after(error.headers.get("Retry-After"))) from None
+            raise UserError(f"the LLM API at {self.url} refused the request ({reason})") from None
+        except TimeoutError:
+            raise _Transient(f"no response within timeout_s={self.timeout_s:g} s") from None
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, TimeoutError):
+                raise _Transient(f"no response within timeout_s={self.timeout_s:g} s") from None
+            raise _Transient(f"connection failed: {self._scrub(str(error.reason))}") from None
+        except (ConnectionError, http.client.HTTPException) as error:
+            raise _Transient(
+                f"connection failed: {type(error).__name__}: {self._scrub(str(error))}"
+            ) from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise _Transient(
+                f"the response is not JSON: {self._scrub(raw[:_MESSAGE_CHARS].decode(errors='replace'))!r}"
+            ) from None
+        if not isinstance(payload, dict):
+            raise UserError(f"the LLM API at {self.url} answered with JSON that is not an object")
+        return payload
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def close(self) -> None:
+        """Nothing to release: connections are not pooled."""
+
+
+def _read_error_body(error: urllib.error.HTTPError) -> str:
+    try:
+        raw = error.read()
+    except (OSError, http.client.HTTPException):
+        return ""
+    try:
+        payload = json.loads(raw)
+        message = payload.get("error", payload) if isinstance(payload, dict) else payload
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        text = str(message)
+    except ValueError:
+        text = raw.decode(errors="replace")
+    return " ".join(text.split())[:_MESSAGE_CHARS]
+
+
+def completion_from_response(payload: dict[str, Any], stop: Sequence[str]) -> Completion:
+    """The :class:`Completion` in a completions response (pure; see the module docstring)."""
+    try:
+        choice = payload["choices"][0]
+        text = choice["text"]
+    except (KeyError, IndexError, TypeError):
+        raise UserError(
+            f"the LLM API answered without choices[0].text (is it a /completions endpoint?): "
+            f"{json.dumps(payload)[:_MESSAGE_CHARS]}"
+        ) from None
+    text, _ = cut_at_stop(str(text), stop)
+    logprobs = choice.get("logprobs") or {}
+    values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
+    if not values:
+        return Completion(text=text, logprob=None if text else 0.0, num_tokens=0)
+    tokens = logprobs.get("tokens")
+    if isinstance(tokens, list) and len(tokens) == len(values):
+        kept = covering_prefix_length(list(accumulate(str(t) for t in tokens)), text)
+    else:
+        kept = len(values)
+    total = sum(float(v) for v in values[:kept] if v is not None)
+    return Completion(text=text, logprob=total, num_tokens=kept)
