@@ -65,6 +65,8 @@ def run(
         overrides.insert(0, f"seed={seed}")
     if settings["batch_size"]:
         overrides = _batch_size_overrides(config_path, settings["batch_size"]) + overrides
+    if settings["data_root"]:
+        overrides = _pool_root_overrides(config_path, settings["data_root"], overrides) + overrides
     pipe = Pipeline.from_yaml(config_path, overrides=overrides, models=models)
     if pipe.spec.models_preset == "tiny":
         err_console.print(
@@ -113,6 +115,19 @@ def _batch_size_overrides(config_path: Path, batch_size: int) -> list[str]:
 
     stages = load_raw_config(config_path).get("stages") or {}
     return [f"{name}.batch_size={batch_size}" for name in stages]
+
+
+def _pool_root_overrides(config_path: Path, data_root: str, overrides: list[str]) -> list[str]:
+    """--data-root also locates an example pool (PICa) unless its root is set explicitly."""
+    from capvqa.engine.config import load_raw_config
+
+    stages = load_raw_config(config_path).get("stages") or {}
+    return [
+        f"{name}.pool_data_root={data_root}"
+        for name, node in stages.items()
+        if isinstance(node, dict) and "pool_dataset" in node and not node.get("pool_data_root")
+        and not any(o.startswith(f"{name}.pool_data_root=") for o in overrides)
+    ]
 
 
 def _print_summary(result, name: str) -> None:

@@ -247,10 +247,31 @@ def load_spec(
     return _validate(data, str(name_or_path))
 
 
+def _execution_order(stages_node: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Stages ordered so each comes after the stages it reads, otherwise in declaration order.
+
+    A config that ``extends`` another may add a stage that an inherited stage reads (e.g. tags for a
+    prompt); declaration order alone would put it last.
+    """
+    remaining = dict(stages_node)
+    ordered: dict[str, Any] = {}
+    while remaining:
+        for name, node in remaining.items():
+            sources = set(((node or {}).get("inputs") or {}).values()) if isinstance(node, dict) else set()
+            if sources <= set(ordered) or not sources & set(remaining):
+                ordered[name] = node
+                del remaining[name]
+                break
+        else:
+            raise ConfigError(f"{origin}: the stages' inputs form a cycle among {sorted(remaining)}")
+    return ordered
+
+
 def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
     stages_node = data.get("stages")
     if not isinstance(stages_node, dict) or not stages_node:
         raise ConfigError(f"{origin}: 'stages' must be a non-empty mapping of stage name -> settings")
+    stages_node = _execution_order(stages_node, origin)
     models = {str(k): str(v) for k, v in (data.get("models") or {}).items()}
     stages: list[StageSpec] = []
     for name, node in stages_node.items():
