@@ -13,17 +13,17 @@ rerunnable with ``capvqa run runs/demo/config.yaml``), ``predictions.json`` (off
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from capvqa.atomic import atomic_open, atomic_write_text
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
 from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec, resolve_task
@@ -101,7 +101,7 @@ class Pipeline:
             _prepare_out_dir(out)
             spec_dict = spec.to_dict()
             spec_dict["run"] = {**(run_settings or {}), "device": str(runtime.device), "dtype": runtime.dtype_name}
-            _atomic_write(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
 
         stats = [runner.run_stage(bound, items, total) for bound in runner.stages]
 
@@ -109,8 +109,8 @@ class Pipeline:
         scored_items: list[VQAItem] = []
         num_items = 0
         answer_stage = self.spec.answer
-        records_file = _AtomicFile(out / "records.jsonl") if out is not None else None
-        try:
+        with ExitStack() as stack:
+            records_file = stack.enter_context(atomic_open(out / "records.jsonl")) if out is not None else None
             for item, outputs in runner.results(items):
                 num_items += 1
                 if outputs is None:  # skipped: no prediction, scored as missing
@@ -123,11 +123,6 @@ class Pipeline:
                     scored_items.append(_without_image(item))
                 if records_file is not None:
                     records_file.write(json.dumps(_record_line(item, answer, outputs), ensure_ascii=False) + "\n")
-            if records_file is not None:
-                records_file.commit()
-        finally:
-            if records_file is not None:
-                records_file.discard()
 
         metrics = None
         evaluation = None
@@ -149,9 +144,9 @@ class Pipeline:
 
             write_predictions(out / "predictions.json", predictions)
             skipped = [vars(s) for s in runner.skipped.values()]
-            _atomic_write(out / "skipped.json", json.dumps(skipped, indent=2, ensure_ascii=False))
+            atomic_write_text(out / "skipped.json", json.dumps(skipped, indent=2, ensure_ascii=False))
             if metrics is not None:
-                _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2))
+                atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             timings = {
                 "pipeline": self.spec.name,
                 "device": str(runtime.device),
@@ -165,7 +160,7 @@ class Pipeline:
             }
             if evaluation is not None:
                 timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
-            _atomic_write(out / "timings.json", json.dumps(timings, indent=2))
+            atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
         store.close()
         return RunResult(predictions=predictions, metrics=metrics, stage_stats=stats, out_dir=out, wall_seconds=wall,
                          skipped=list(runner.skipped.values()))
@@ -211,36 +206,3 @@ def _record_line(item: VQAItem, answer: str, outputs: dict[str, Any]) -> dict[st
         line["accuracy"] = round(100 * question_accuracy(answer, item.answers), 2)
     line["stages"] = {name: record_to_json(record) for name, record in outputs.items()}
     return line
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    handle = _AtomicFile(path)
-    try:
-        handle.write(text)
-        handle.commit()
-    finally:
-        handle.discard()
-
-
-class _AtomicFile:
-    """Write to a temporary file beside ``path`` and rename it into place on commit."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self._tmp = Path(name)
-        self._handle = os.fdopen(fd, "w", encoding="utf-8")
-
-    def write(self, text: str) -> None:
-        self._handle.write(text)
-
-    def commit(self) -> None:
-        self._handle.close()
-        os.chmod(self._tmp, 0o644)  # mkstemp creates 0600; run files are meant to be shared
-        os.replace(self._tmp, self.path)
-
-    def discard(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
-        if self._tmp.exists():
-            self._tmp.unlink()

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from capvqa.atomic import atomic_write_text
 from capvqa.errors import DataError
 
 QuestionId = int | str
@@ -123,18 +123,5 @@ def write_predictions(path: str | os.PathLike[str], predictions: Mapping[Questio
     records = predictions_to_records(predictions)
     body = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records)
     text = f"[\n{body}\n]\n" if records else "[]\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            # mkstemp creates the file private (0600); a results file is meant to be shared and submitted.
-            if hasattr(os, "fchmod"):
-                os.fchmod(tmp.fileno(), 0o644)
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path

@@ -7,12 +7,11 @@ but it also degrades by itself: a missing dataset means no thumbnails, an unread
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from capvqa.atomic import atomic_write_text
 from capvqa.report.gallery import (
     DEFAULT_GALLERY_LIMIT,
     GalleryItem,
@@ -135,16 +134,3 @@ def write_run_reports(run_dir: str | Path, *, gallery_limit: int = DEFAULT_GALLE
     return html_path, markdown_path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temporary file beside ``path``, renamed into place: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(name, 0o644)
-        os.replace(name, path)
-    except BaseException:
-        if os.path.exists(name):
-            os.unlink(name)
-        raise

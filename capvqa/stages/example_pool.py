@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capvqa.atomic import atomic_open
 from capvqa.data.items import ImageRef, VQAItem
 from capvqa.data.official import ItemId
 from capvqa.engine.keys import canonical_json, sha256_hex
@@ -122,18 +121,8 @@ def save_array_atomic(path: Path, array: np.ndarray) -> None:
 
     A reader sees the whole file or no file; on error the temporary file is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
+    with atomic_open(path, "wb") as stream:
+        np.save(stream, np.ascontiguousarray(array), allow_pickle=False)
 
 def cached_array(
     directory: Path, key: str, rows: int, compute: Callable[[], np.ndarray]
