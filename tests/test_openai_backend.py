@@ -135,6 +135,7 @@ def make_handler(app: CompletionsApp):
 
         def send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
             data = json.dumps(payload).encode()
+            self.leave()  # before the reply goes out: the client may send its next request right after
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -151,9 +152,15 @@ def make_handler(app: CompletionsApp):
                 app.requests.append({"path": self.path, "body": body, "authorized": auth == f"Bearer {KEY}"})
                 app.in_flight += 1
                 app.max_in_flight = max(app.max_in_flight, app.in_flight)
+            self.counted = True
             try:
                 self.respond(body, auth)
             finally:
+                self.leave()
+
+        def leave(self) -> None:
+            if getattr(self, "counted", False):
+                self.counted = False
                 with app.lock:
                     app.in_flight -= 1
 
