@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from capvqa.cli import bench as bench_cmd
 from capvqa.cli import cache as cache_cmd
 from capvqa.cli import data as data_cmd
 from capvqa.cli import evaluate as evaluate_cmd
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.command("run")(run_cmd.run)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("report")(report_cmd.report)
+app.command("bench")(bench_cmd.bench)
 app.add_typer(data_cmd.app, name="data", help="Download and inspect datasets.")
 app.add_typer(cache_cmd.app, name="cache", help="Inspect and clear the stage cache.")
 

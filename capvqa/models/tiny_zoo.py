@@ -271,7 +271,7 @@ def _progress_bars_off():
             hf_logging.enable_progress_bar()
 
 
-def _save_random_model(model_class: type[PreTrainedModel], config, folder: Path, seed: int) -> None:
+def save_random_model(model_class: type[PreTrainedModel], config, folder: Path, seed: int) -> None:
     """Initialise ``model_class(config)`` under ``seed`` and save it, leaving the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -281,12 +281,12 @@ def _save_random_model(model_class: type[PreTrainedModel], config, folder: Path,
         model.save_pretrained(folder)
 
 
-def _blip_image_processor():
+def blip_image_processor(image_size: int = IMAGE_SIZE):
     # Without torchvision transformers v5 only has the PIL backend; both save as "BlipImageProcessor" and
     # AutoProcessor picks whichever backend is installed when loading.
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    return BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
 
 
 def _clip_image_processor():
@@ -312,7 +312,7 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
 
     # BLIP: one tokenizer + processor shared by the ITM model and the captioner, as on the hub.
     blip_tokenizer = offline_tokenizers.build_blip_bert_tokenizer()
-    blip_processor = BlipProcessor(image_processor=_blip_image_processor(), tokenizer=blip_tokenizer)
+    blip_processor = BlipProcessor(image_processor=blip_image_processor(), tokenizer=blip_tokenizer)
     blip_config = tiny_blip_config(
         vocab_size=len(blip_tokenizer),
         bos_token_id=blip_tokenizer.bos_token_id,
@@ -324,7 +324,7 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
         ("itm", BlipForImageTextRetrieval),
         ("captioner", BlipForConditionalGeneration),
     ):
-        _save_random_model(model_class, blip_config, paths[role], seeds[role])
+        save_random_model(model_class, blip_config, paths[role], seeds[role])
         blip_processor.save_pretrained(paths[role])
         # The hub folders carry the WordPiece vocab too; transformers reads tokenizer.json first.
         offline_tokenizers.write_wordpiece_vocab(paths[role] / "vocab.txt", vocab_tokens)
@@ -334,12 +334,12 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
     t5_vocab = _round_up(len(t5_tokenizer), 64)  # as 32,100 -> 32,128: the table outgrows the tokenizer
     for role, v1_1 in (("reader", False), ("qg", True)):
         t5_config = tiny_t5_config(vocab_size=t5_vocab, v1_1=v1_1)
-        _save_random_model(T5ForConditionalGeneration, t5_config, paths[role], seeds[role])
+        save_random_model(T5ForConditionalGeneration, t5_config, paths[role], seeds[role])
         t5_tokenizer.save_pretrained(paths[role])
 
     opt_tokenizer = offline_tokenizers.build_opt_tokenizer(vocab_size=OPT_VOCAB, model_max_length=512)
     opt_config = tiny_opt_config(vocab_size=_round_up(len(opt_tokenizer) + 1, 16))  # like 50,265 -> 50,272
-    _save_random_model(OPTForCausalLM, opt_config, paths["causal_lm"], seeds["causal_lm"])
+    save_random_model(OPTForCausalLM, opt_config, paths["causal_lm"], seeds["causal_lm"])
     opt_tokenizer.save_pretrained(paths["causal_lm"])
 
     clip_tokenizer = offline_tokenizers.build_clip_tokenizer(vocab_size=CLIP_VOCAB)
@@ -349,7 +349,7 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
         eos_token_id=clip_tokenizer.eos_token_id,
         pad_token_id=clip_tokenizer.pad_token_id,
     )
-    _save_random_model(CLIPModel, clip_config, paths["clip"], seeds["clip"])
+    save_random_model(CLIPModel, clip_config, paths["clip"], seeds["clip"])
     CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=clip_tokenizer).save_pretrained(
         paths["clip"]
     )

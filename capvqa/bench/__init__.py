@@ -1,0 +1,1 @@
+"""``capvqa bench``: cost of a pipeline's stages on the real architectures with random weights."""

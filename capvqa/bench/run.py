@@ -1,0 +1,143 @@
+"""Run a pipeline's stages on synthetic questions with forced generation lengths and measure them.
+
+Generation lengths are forced (every caption exactly ``caption_tokens`` new tokens, every answer exactly
+``answer_tokens``) so that runs are comparable across code versions and with other implementations at the
+same settings. Everything runs on a fresh, temporary cache: nothing is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capvqa.errors import ConfigError
+
+PROMPT_TOKENS = 4  # [DEC] a picture of
+QUESTIONS = [
+    "what is the man on the left holding in his hand?",
+    "how many people are standing near the red bus?",
+    "what color is the umbrella of the woman?",
+    "is there a dog sitting on the wooden bench?",
+    "what is on the plate next to the cup?",
+    "why is the street wet in this picture?",
+]
+
+
+def synthetic_dataset(folder: Path, questions: int, seed: int = 0) -> Path:
+    """A folder dataset (data/sample layout) of noise photographs, one distinct image per question."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    qs = []
+    for i in range(questions):
+        image_id = i + 1
+        pixels = (rng.random((480, 640, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / "images" / f"COCO_val2014_{image_id:012d}.jpg", quality=90)
+        qs.append({"image_id": image_id, "question": QUESTIONS[i % len(QUESTIONS)], "question_id": image_id * 10})
+    meta = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "val2014", "license": {}}
+    (folder / "questions.json").write_text(json.dumps({**meta, "questions": qs}))
+    return folder
+
+
+def run_benchmark(
+    pipeline: str = "pnp-vqa",
+    *,
+    size: str = "base",
+    models: str = "random",
+    questions: int = 4,
+    batch_size: int = 4,
+    device: str | None = None,
+    dtype: str | None = None,
+    num_captions: int = 100,
+    num_patches: int = 20,
+    caption_tokens: int = 16,
+    answer_tokens: int = 19,
+    threads: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Measure every stage; returns the JSON-ready result (see ``capvqa bench --help``)."""
+    import torch
+
+    from capvqa.bench.memory import PeakMemory
+    from capvqa.data.datasets import open_dataset
+    from capvqa.engine.pipeline import Pipeline
+    from capvqa.engine.runner import PipelineRunner
+    from capvqa.engine.runtime import make_runtime
+    from capvqa.engine.store import CacheStore
+
+    if not pipeline.startswith("pnp-vqa"):
+        raise ConfigError("capvqa bench measures the PNP-VQA pipelines (pnp-vqa, pnp-vqa-base/-large/-3b)")
+    if threads:
+        torch.set_num_threads(threads)
+    config_name = f"pnp-vqa-{size}"
+    overrides = [
+        f"captioning.num_captions={num_captions}",
+        f"captioning.num_patches={num_patches}",
+        f"captioning.min_length={PROMPT_TOKENS + caption_tokens}",
+        f"captioning.max_length={PROMPT_TOKENS + caption_tokens}",
+        f"reader.min_new_tokens={answer_tokens}",
+        f"reader.max_new_tokens={answer_tokens}",
+        *(f"{stage}.batch_size={batch_size}" for stage in ("matching", "captioning", "reader")),
+    ]
+    if models == "random":
+        from capvqa.bench.architectures import ensure_pnp_vqa_models
+
+        built = ensure_pnp_vqa_models(size)
+        overrides += [f"models.{role}={path}" for role, path in built.items()]
+        spec_models = None
+    elif models == "tiny":
+        spec_models = "tiny"
+    else:
+        raise ConfigError(f"models must be 'random' (real sizes, random weights) or 'tiny', got {models!r}")
+    pipe = Pipeline.from_yaml(config_name, overrides, models=spec_models)
+    runtime = make_runtime(device, dtype)
+
+    with tempfile.TemporaryDirectory(prefix="capvqa-bench-") as scratch:
+        scratch_dir = Path(scratch)
+        data = open_dataset(str(synthetic_dataset(scratch_dir / "data", questions)))
+        store = CacheStore(scratch_dir / "cache")
+        runner = PipelineRunner(pipe.build_stages(), store, runtime, progress)
+        stages: dict[str, Any] = {}
+        started = time.perf_counter()
+        for bound in runner.stages:
+            with PeakMemory(runtime.device.type) as peak:
+                stats = runner.run_stage(bound, data, len(data))
+            stages[bound.name] = {
+                "seconds_per_question": round(stats.compute_seconds / questions, 4),
+                "compute_seconds": round(stats.compute_seconds, 4),
+                "model_load_seconds": round(stats.setup_seconds, 4),
+                "peak_memory_bytes": int(peak.bytes),
+            }
+        wall = time.perf_counter() - started
+        draws = sum(outputs["captioning"].draws for _, outputs in runner.results(data))
+        store.close()
+
+    tokens = {"captioning": draws * caption_tokens, "reader": questions * answer_tokens}
+    for name, count in tokens.items():
+        seconds = stages[name]["compute_seconds"]
+        stages[name]["generated_tokens"] = count
+        stages[name]["generated_tokens_per_second"] = round(count / seconds, 2) if seconds else None
+    total = sum(stage["seconds_per_question"] for stage in stages.values())
+    return {
+        "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})"
+                                         if runtime.device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
+        "settings": {
+            "pipeline": config_name, "models": models, "questions": questions, "batch_size": batch_size,
+            "dtype": runtime.dtype_name, "threads": torch.get_num_threads(), "num_captions": num_captions,
+            "num_patches": num_patches, "caption_new_tokens": caption_tokens, "answer_tokens": answer_tokens,
+        },
+        "random_weights": True,
+        "note": "random weights: these numbers measure cost only, never accuracy",
+        "stages": stages,
+        "total_seconds_per_question": round(total, 4),
+        "questions_per_second": round(1 / total, 4) if total else None,
+        "wall_seconds": round(wall, 2),
+        "peak_memory_bytes": max(stage["peak_memory_bytes"] for stage in stages.values()),
+    }

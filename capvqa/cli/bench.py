@@ -1,0 +1,64 @@
+"""``capvqa bench``: seconds per question, tokens/s and peak memory per stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from capvqa.cli.console import console, err_console
+
+
+def bench(
+    pipeline: Annotated[str, typer.Argument(help="pnp-vqa (the configs pnp-vqa-SIZE are used).")] = "pnp-vqa",
+    size: Annotated[str, typer.Option(help="base | large | 3b (the UnifiedQA reader).")] = "base",
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architectures and vocabulary sizes with random weights (no download).")] = False,
+    models: Annotated[Optional[str], typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
+    questions: Annotated[int, typer.Option(help="Synthetic questions (one image each).")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Batch size of every stage.")] = 4,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | cuda:N | mps (default: best available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
+    num_captions: Annotated[int, typer.Option(help="Captions per question.")] = 100,
+    num_patches: Annotated[int, typer.Option(help="Patches per caption.")] = 20,
+    caption_tokens: Annotated[int, typer.Option(help="Forced new tokens per caption (min = max).")] = 16,
+    answer_tokens: Annotated[int, typer.Option(help="Forced answer tokens (min = max).")] = 19,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+) -> None:
+    """Measure each stage of PNP-VQA on synthetic images with forced generation lengths. Random weights
+    measure cost only, never accuracy."""
+    from rich.table import Table
+
+    from capvqa.bench.run import run_benchmark
+    from capvqa.cli.progress import stage_progress
+    from capvqa.errors import ConfigError
+
+    if random_weights == (models is not None):
+        raise ConfigError("give exactly one of --random-weights (real sizes) or --models tiny")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with stage_progress(enabled=True) as progress:
+        result = run_benchmark(
+            pipeline, size=size, models="random" if random_weights else models, questions=questions,
+            batch_size=batch_size, device=device, dtype=dtype, num_captions=num_captions, num_patches=num_patches,
+            caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, progress=progress,
+        )
+    table = Table(title=f"{result['settings']['pipeline']} on {result['device']}, {result['settings']['dtype']}, "
+                        f"{questions} questions, batch {batch_size}")
+    for column in ("stage", "s / question", "tokens / s", "peak memory", "model load s"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, stage in result["stages"].items():
+        rate = stage.get("generated_tokens_per_second")
+        table.add_row(name, f"{stage['seconds_per_question']:.2f}", f"{rate:.1f}" if rate else "-",
+                      f"{stage['peak_memory_bytes'] / 2**30:.2f} GiB", f"{stage['model_load_seconds']:.1f}")
+    table.add_row("[bold]total[/]", f"[bold]{result['total_seconds_per_question']:.2f}[/]", "",
+                  f"{result['peak_memory_bytes'] / 2**30:.2f} GiB", "")
+    console.print(table)
+    err_console.print(f"[yellow]{result['note']}[/]")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"written to {json_out}")
