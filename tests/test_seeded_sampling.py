@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from capvqa.stages.seeded_sampling import choose_tokens, row_seed, step_uniforms

@@ -34,6 +34,7 @@ def run(
     """Run PIPELINE over a dataset and write config.yaml, predictions.json, records.jsonl, metrics.json,
     timings.json into the run folder."""
     import yaml
+    from transformers.utils import logging as hf_logging
 
     from capvqa.cli.progress import stage_progress
     from capvqa.data.datasets import open_dataset
@@ -41,8 +42,6 @@ def run(
     from capvqa.engine.pipeline import Pipeline
     from capvqa.engine.runtime import make_runtime
     from capvqa.errors import ConfigError
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per stage is ours; per-file loading bars are noise
     saved = {}

@@ -307,7 +307,7 @@ class PipelineRunner:
             compute_started = time.perf_counter()
             outputs = stage.run(batch)
             stats.compute_seconds += time.perf_counter() - compute_started
-        except DataError as error:
+        except DataError:
             bad = _items_with_bad_images(batch)
             if not bad:
                 raise

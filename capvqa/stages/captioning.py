@@ -192,7 +192,7 @@ class PatchCaptioning:
             )
         decoded = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
         prefix = self.config.prompt.strip()
-        return [(text[len(prefix):] if text.startswith(prefix) else text).strip() for text in decoded]
+        return [(text.removeprefix(prefix)).strip() for text in decoded]
 
     def cleanup(self) -> None:
         self._model = None
