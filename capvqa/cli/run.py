@@ -78,17 +78,23 @@ def run(
         limit=settings["limit"], question_ids=settings["question_ids"],
     )
     out_dir = out or Path("runs") / f"{pipe.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    runtime = make_runtime(device or saved.get("device_request"), dtype or saved.get("dtype_request"))
+    from capvqa.engine.distributed import DistributedContext
+
+    distributed = DistributedContext.from_env()
+    runtime = make_runtime(distributed.device_request(device or saved.get("device_request")),
+                           dtype or saved.get("dtype_request"))
     run_settings = {k: v for k, v in settings.items() if v is not None}
     run_settings.update({"device_request": device or "auto", "dtype_request": dtype or "auto",
                          "on_bad_image": on_bad_image})
     if cache_dir:
         run_settings["cache_dir"] = str(cache_dir)
-    with stage_progress(enabled=not quiet) as progress:
+    with stage_progress(enabled=not quiet and distributed.is_main) as progress:
         result = pipe.run(
             data, out_dir=out_dir, cache_dir=cache_dir, runtime=runtime, progress=progress,
             run_settings=run_settings, eval_options={"lemmatize": settings["lemmatize"]}, on_bad_image=on_bad_image,
         )
+    if not distributed.is_main:
+        return  # rank 0 writes the run folder and prints the summary
     if report:
         _write_reports(result.out_dir)
     _print_summary(result, pipe.spec.name)

@@ -27,7 +27,8 @@ from capvqa.atomic import atomic_open, atomic_write_text
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
 from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec, resolve_task
-from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats
+from capvqa.engine.distributed import DistributedContext, Shard
+from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats, merge_rank_stats
 from capvqa.engine.runtime import Runtime, make_runtime
 from capvqa.engine.store import CacheStore
 
@@ -89,21 +90,36 @@ class Pipeline:
         listed in ``skipped.json`` and count as missing (wrong) in the metrics.
         """
         started = time.perf_counter()
+        distributed = DistributedContext.from_env()
+        distributed.init()
         store = CacheStore(cache_dir)
         runtime = runtime or make_runtime()
         if runtime.cache_dir is None:
             runtime = replace(runtime, cache_dir=store.directory)
         spec = self.resolved_spec(items)
         runner = PipelineRunner(self.build_stages(spec), store, runtime, progress, on_bad_image=on_bad_image)
-        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-        out = Path(out_dir) if out_dir is not None else None
+        work = Shard(items, distributed.rank, distributed.world_size) if distributed.active else items
+        total = len(work) if hasattr(work, "__len__") else None  # type: ignore[arg-type]
+        out = Path(out_dir) if out_dir is not None and distributed.is_main else None
         if out is not None:
             _prepare_out_dir(out)
             spec_dict = spec.to_dict()
             spec_dict["run"] = {**(run_settings or {}), "device": str(runtime.device), "dtype": runtime.dtype_name}
             atomic_write_text(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
 
-        stats = [runner.run_stage(bound, items, total) for bound in runner.stages]
+        stats = [runner.run_stage(bound, work, total) for bound in runner.stages]
+        if distributed.active:
+            # every rank must have finished every stage before rank 0 reads all results back
+            per_rank = distributed.gather((stats, list(runner.skipped.values())))
+            distributed.barrier()
+            if not distributed.is_main:
+                store.close()
+                distributed.shutdown()
+                return RunResult(predictions={}, metrics=None, stage_stats=stats, out_dir=None,
+                                 wall_seconds=time.perf_counter() - started)
+            stats = merge_rank_stats([rank_stats for rank_stats, _ in per_rank])
+            for _, skipped in per_rank:
+                runner.skipped.update({str(s.question_id): s for s in skipped})
 
         predictions: dict[Any, str] = {}
         scored_items: list[VQAItem] = []
@@ -155,6 +171,7 @@ class Pipeline:
                 "num_questions": num_items,
                 "num_predictions": len(predictions),
                 "num_skipped": len(runner.skipped),
+                "world_size": distributed.world_size,
                 "total_seconds": round(wall, 4),
                 "stages": {s.name: s.to_json() for s in stats},
             }
@@ -162,6 +179,7 @@ class Pipeline:
                 timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
             atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
         store.close()
+        distributed.shutdown()
         return RunResult(predictions=predictions, metrics=metrics, stage_stats=stats, out_dir=out, wall_seconds=wall,
                          skipped=list(runner.skipped.values()))
 

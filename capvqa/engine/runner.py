@@ -102,6 +102,23 @@ class StageStats:
         }
 
 
+def merge_rank_stats(per_rank: list[list[StageStats]]) -> list[StageStats]:
+    """Stage statistics of a data-parallel run: counts add up, times are the slowest rank's."""
+    merged = []
+    for stage_stats in zip(*per_rank):
+        first = stage_stats[0]
+        merged.append(StageStats(
+            name=first.name, stage_type=first.stage_type,
+            items=sum(s.items for s in stage_stats), computed=sum(s.computed for s in stage_stats),
+            cached=sum(s.cached for s in stage_stats), batches=sum(s.batches for s in stage_stats),
+            setup_seconds=max(s.setup_seconds for s in stage_stats),
+            compute_seconds=max(s.compute_seconds for s in stage_stats),
+            wall_seconds=max(s.wall_seconds for s in stage_stats),
+            oom_splits=sum(s.oom_splits for s in stage_stats),
+        ))
+    return merged
+
+
 @dataclass
 class KeyedItem:
     item: VQAItem

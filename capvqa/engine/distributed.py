@@ -1,0 +1,102 @@
+"""Data-parallel runs under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK).
+
+Each rank runs every stage on its shard of the items (item i goes to rank i mod world size, a
+deterministic split), writing into the one shared cache. Since an item's result depends only on (seed,
+item, config), the union equals a single-process run. When all ranks are done, rank 0 reads every
+result back from the cache, evaluates and writes the run folder; other ranks write nothing.
+
+Ranks on one machine share a local cache directory. Across machines the cache directory must be on a
+filesystem with working POSIX locks (SQLite's requirement), or run each node on its own cache and
+merge by rerunning on one node (every finished item is then a cache hit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from capvqa.data.items import VQAItem
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> DistributedContext:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device_request(self, requested: str | None) -> str | None:
+        """Each rank takes its own GPU: ``cuda`` / ``auto`` become ``cuda:LOCAL_RANK``."""
+        import torch
+
+        if not self.active:
+            return requested
+        if requested in (None, "", "auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def init(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if self.active and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend=backend)
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable objects travel between our own processes only)."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def shutdown(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+class Shard:
+    """The items of one rank, re-iterable and sized like the dataset it views."""
+
+    def __init__(self, items: Iterable[VQAItem], rank: int, world_size: int) -> None:
+        self.items, self.rank, self.world_size = items, rank, world_size
+        self.name = getattr(items, "name", None)
+
+    def __iter__(self) -> Iterator[VQAItem]:
+        for index, item in enumerate(self.items):
+            if index % self.world_size == self.rank:
+                yield item
+
+    def __len__(self) -> int:
+        total = len(self.items)  # type: ignore[arg-type]
+        return len(range(self.rank, total, self.world_size))
