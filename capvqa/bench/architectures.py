@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BENCH_MODELS_VERSION = 1
+BENCH_MODELS_VERSION = 2
 SEED = 20221
 
 # UnifiedQA-v2 readers are T5 v1.0 (relu feed-forward)
@@ -35,6 +35,44 @@ BLIP_LARGE = {
     "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
              "max_position_embeddings": 512},
 }
+
+
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def pseudo_words(count: int) -> list[str]:
+    """``count`` distinct pronounceable words (2-3 consonant-vowel syllables), deterministic.
+
+    A real-size vocabulary padded with ``[unusedN]`` entries makes random-weight captions decode into
+    strings that the T5 tokenizer splits into ~14 pieces per word, so reader passages come out ~5x longer
+    than real ones and the benchmark would misstate the reader's cost. Word-like filler keeps passage
+    lengths realistic (a few T5 pieces per word, as with BERT's real vocabulary).
+    """
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    words = [a + b for a in syllables for b in syllables]
+    words += [a + b + c for a in syllables for b in syllables for c in syllables]
+    if count > len(words):
+        raise ValueError(f"at most {len(words)} pseudo-words")
+    return words[:count]
+
+
+def bench_tokenizers() -> tuple:
+    """(BLIP BERT tokenizer of 30,524 entries, T5 tokenizer of 32,100) with word-like vocabularies."""
+    import random
+
+    from capvqa.models.offline_tokenizers import (
+        REAL_TOKENIZER_SIZES, VQA_WORDS, build_blip_bert_tokenizer, build_t5_tokenizer, vqa_corpus,
+        wordpiece_vocab,
+    )
+
+    blip_size = REAL_TOKENIZER_SIZES["blip_bert"]
+    base = len(wordpiece_vocab(VQA_WORDS, num_leading_unused=99))
+    words = list(VQA_WORDS) + pseudo_words(blip_size - 2 - base)
+    blip = build_blip_bert_tokenizer(words=words, total_size=blip_size, num_leading_unused=99)
+    rng = random.Random(0)
+    extra = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(3000)]
+    t5 = build_t5_tokenizer(vqa_corpus() + extra, sp_vocab_size=REAL_TOKENIZER_SIZES["t5"] - 100, extra_ids=100)
+    return blip, t5
 
 
 def bench_models_dir() -> Path:
@@ -73,10 +111,9 @@ def _build_atomically(folder: Path, build) -> None:
 def _build_blip(role: str, size: str, folder: Path) -> None:
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-    from capvqa.models.offline_tokenizers import build_real_size_tokenizer
     from capvqa.models.tiny_zoo import blip_image_processor, save_random_model
 
-    tokenizer = build_real_size_tokenizer("blip_bert")
+    tokenizer, _ = bench_tokenizers()
     text = {**BLIP_LARGE["text"], "vocab_size": len(tokenizer), "encoder_hidden_size": 1024,
             "bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id,
             "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
@@ -90,10 +127,9 @@ def _build_blip(role: str, size: str, folder: Path) -> None:
 def _build_reader(role: str, size: str, folder: Path) -> None:
     from transformers import T5ForConditionalGeneration
 
-    from capvqa.models.offline_tokenizers import build_real_size_tokenizer
     from capvqa.models.tiny_zoo import save_random_model, tiny_t5_config
 
-    tokenizer = build_real_size_tokenizer("t5")
+    _, tokenizer = bench_tokenizers()
     config = tiny_t5_config(vocab_size=T5_MODEL_VOCAB, **UNIFIEDQA_SIZES[size])
     save_random_model(T5ForConditionalGeneration, config, folder, SEED)
     tokenizer.save_pretrained(folder)
