@@ -33,7 +33,7 @@ class FiDReaderConfig:
     max_new_tokens: int = 20
     min_new_tokens: int = 0
     batch_size: int = non_semantic(8)
-    max_passages_per_encode: int = non_semantic(1024)
+    max_passages_per_encode: int = non_semantic(64)
 
 
 @dataclass(frozen=True)
@@ -82,29 +82,23 @@ class FiDReader:
         # a question without captions still gets answered from its question alone
         passages_per_question = [p if p else [""] for p in passages_per_question]
         flat = [p for passages in passages_per_question for p in passages]
-        tokens = self.tokenizer(
-            flat, padding="longest", truncation=True, max_length=cfg.max_passage_tokens, return_tensors="pt"
-        )
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        encoder = self._model.get_encoder()
+        tokens = self.tokenizer(flat, truncation=True, max_length=cfg.max_passage_tokens)["input_ids"]
         with torch.inference_mode():
-            hidden = torch.cat(
-                [
-                    encoder(input_ids=ids[s : s + cfg.max_passages_per_encode],
-                            attention_mask=mask[s : s + cfg.max_passages_per_encode]).last_hidden_state
-                    for s in range(0, ids.shape[0], cfg.max_passages_per_encode)
-                ]
-            )
-            length, width = ids.shape[1], hidden.shape[-1]
-            most = max(len(p) for p in passages_per_question)
-            fused = hidden.new_zeros((len(passages_per_question), most * length, width))
-            fused_mask = mask.new_zeros((len(passages_per_question), most * length))
-            start = 0
-            for q, passages in enumerate(passages_per_question):
-                n = len(passages)
-                fused[q, : n * length] = hidden[start : start + n].reshape(n * length, width)
-                fused_mask[q, : n * length] = mask[start : start + n].reshape(n * length)
-                start += n
+            encoded = self._encode_by_length(tokens)
+            # FiD concatenates each question's passages along the sequence axis. Only real tokens are
+            # laid side by side: T5's cross-attention has no position bias, so dropping the padding the
+            # reference carries (masked out there) changes nothing but the work.
+            per_question, start = [], 0
+            for passages in passages_per_question:
+                per_question.append(torch.cat(encoded[start : start + len(passages)]))
+                start += len(passages)
+            longest = max(h.shape[0] for h in per_question)
+            width = per_question[0].shape[-1]
+            fused = per_question[0].new_zeros((len(per_question), longest, width))
+            fused_mask = torch.zeros((len(per_question), longest), dtype=torch.long, device=device)
+            for q, hidden in enumerate(per_question):
+                fused[q, : hidden.shape[0]] = hidden
+                fused_mask[q, : hidden.shape[0]] = 1
             from transformers.modeling_outputs import BaseModelOutput
 
             output = self._model.generate(
@@ -116,6 +110,29 @@ class FiDReader:
                 min_new_tokens=cfg.min_new_tokens,
             )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def _encode_by_length(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        """Encoder states (length_i, d_model) of every passage, each encoded independently.
+
+        Passages are encoded in chunks of similar length, each chunk padded only to its own longest
+        passage, so padding costs little even when passage lengths vary a lot.
+        """
+        device, chunk = self.runtime.device, self.config.max_passages_per_encode
+        encoder = self._model.get_encoder()
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+        states: list[torch.Tensor | None] = [None] * len(token_ids)
+        for start in range(0, len(order), chunk):
+            rows = order[start : start + chunk]
+            width = len(token_ids[rows[0]])
+            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, : len(token_ids[i])] = torch.tensor(token_ids[i])
+                mask[r, : len(token_ids[i])] = 1
+            hidden = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for r, i in enumerate(rows):
+                states[i] = hidden[r, : len(token_ids[i])]
+        return states  # type: ignore[return-value]
 
     def cleanup(self) -> None:
         self._model = None
