@@ -84,3 +84,19 @@ def test_resolved_config_round_trips(tmp_path):
     path.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     again = load_spec(path)
     assert again.to_dict() == spec.to_dict()
+
+
+def test_explicit_model_override_wins_over_the_preset(tiny_zoo):
+    spec = load_spec("pnp-vqa", ["models.reader=/my/reader"], models_preset="tiny")
+    assert spec.models["reader"] == "/my/reader"
+    assert spec.models["itm"] == str(tiny_zoo["itm"])
+
+
+def test_saved_tiny_config_re_resolves_the_zoo(tmp_path, tiny_zoo):
+    import yaml
+
+    spec = load_spec("pnp-vqa", models_preset="tiny").to_dict()
+    spec["models"] = {role: f"/moved/{role}" for role in spec["models"]}  # the zoo lived elsewhere then
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert load_spec(path).models["itm"] == str(tiny_zoo["itm"])

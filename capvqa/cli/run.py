@@ -27,7 +27,7 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: stage.param=value, models.ROLE=ID, seed=N.")] = None,
     models: Annotated[Optional[str], typer.Option(help="Model preset for every role: hub (config's ids) or tiny (offline random tiny models).")] = None,
     lemmatize: Annotated[Optional[str], typer.Option(help="Lemmatise predictions before scoring (OK-VQA option): none | auto | spacy | rule.")] = None,
-    on_bad_image: Annotated[str, typer.Option(help="error: stop at a missing/corrupt image (default); skip: leave such questions out, list them in skipped.json and count them as missing.")] = "error",
+    on_bad_image: Annotated[Optional[str], typer.Option(help="error: stop at a missing/corrupt image (default); skip: leave such questions out, list them in skipped.json and count them as missing.")] = None,
     report: Annotated[bool, typer.Option(help="Write report.html and report.md into the run folder.")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -57,6 +57,8 @@ def run(
         "batch_size": batch_size or saved.get("batch_size"),
         "lemmatize": lemmatize or saved.get("lemmatize") or "none",
     }
+    on_bad_image = on_bad_image or saved.get("on_bad_image") or "error"
+    cache_dir = cache_dir or (Path(saved["cache_dir"]) if saved.get("cache_dir") else None)
     if not settings["dataset"]:
         raise ConfigError("--dataset is required (sample, vqav2, okvqa, hf:NAME or a folder)")
     overrides = list(set_ or [])

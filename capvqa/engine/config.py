@@ -228,11 +228,13 @@ def load_spec(
     overrides: list[str] | tuple[str, ...] = (),
     models_preset: str | None = None,
 ) -> PipelineSpec:
-    """Load, merge, override and validate a pipeline config (no model is loaded)."""
+    """Load, merge, apply a models preset, then overrides, and validate (no model is loaded).
+
+    Overrides come last so that an explicit ``models.ROLE=...`` wins over the preset.
+    """
     data = load_raw_config(name_or_path)
-    for text in overrides:
-        parts, value = parse_override(text)
-        _apply_override(data, parts, value)
+    # a saved run config records its preset: re-resolve it here (the tiny zoo may live elsewhere now)
+    models_preset = models_preset or data.get("models_preset")
     if models_preset:
         from capvqa.models.presets import apply_models_preset
 
@@ -244,6 +246,9 @@ def load_spec(
             for node in (data.get("stages") or {}).values():
                 if isinstance(node, dict) and node.get("checkpoint"):
                     node["checkpoint"] = None
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value)
     return _validate(data, str(name_or_path))
 
 
