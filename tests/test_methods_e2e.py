@@ -84,3 +84,14 @@ def test_pica_on_sample_uses_its_own_items_as_the_pool(tmp_path, tiny_zoo):
         assert len(stages["llm"]["candidates"]) == 5
         best = max(c["logprob"] for c in stages["llm"]["candidates"])
         assert stages["llm"]["logprob"] == best
+
+
+def test_pica_rejects_prompt_and_selection_settings_that_disagree(tmp_path, tiny_zoo):
+    import pytest
+
+    from capvqa.errors import ConfigError
+
+    overrides = ["examples.pool_dataset=sample", "examples.n_shot=3", "prompt.n_shot=3", "prompt.n_ensemble=2"]
+    with pytest.raises(ConfigError, match="n_ensemble"):
+        Pipeline.from_yaml("pica", overrides, models="tiny").run(open_dataset("sample", limit=2),
+                                                                 cache_dir=tmp_path / "c")

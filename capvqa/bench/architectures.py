@@ -61,7 +61,11 @@ def bench_tokenizers() -> tuple:
     import random
 
     from capvqa.models.offline_tokenizers import (
-        REAL_TOKENIZER_SIZES, VQA_WORDS, build_blip_bert_tokenizer, build_t5_tokenizer, vqa_corpus,
+        REAL_TOKENIZER_SIZES,
+        VQA_WORDS,
+        build_blip_bert_tokenizer,
+        build_t5_tokenizer,
+        vqa_corpus,
         wordpiece_vocab,
     )
 
@@ -109,7 +113,12 @@ def _build_atomically(folder: Path, build) -> None:
 
 
 def _build_blip(role: str, size: str, folder: Path) -> None:
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipProcessor,
+    )
 
     from capvqa.models.tiny_zoo import blip_image_processor, save_random_model
 

@@ -103,7 +103,7 @@ def run_benchmark(
         scratch_dir = Path(scratch)
         data = open_dataset(str(synthetic_dataset(scratch_dir / "data", questions)))
         store = CacheStore(scratch_dir / "cache")
-        runner = PipelineRunner(pipe.build_stages(), store, runtime, progress)
+        runner = PipelineRunner(pipe.build_stages(runtime=runtime), store, runtime, progress)
         stages: dict[str, Any] = {}
         started = time.perf_counter()
         for bound in runner.stages:

@@ -352,12 +352,13 @@ def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
         params["seed"] = spec.seed
     if "task" in field_types and "task" not in params:
         params["task"] = resolve_task(spec.task, None) if spec.task == "auto" else spec.task
+    for f in dataclasses.fields(stage_class.Config):  # types first: __post_init__ checks assume them
+        if f.name in params:
+            _check_type(stage.name, f, params[f.name])
     try:
         config = stage_class.Config(**params)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ConfigError(f"stage {stage.name!r}: {error}") from error
-    for f in dataclasses.fields(config):
-        _check_type(stage.name, f, getattr(config, f.name))
     return config
 
 

@@ -62,14 +62,15 @@ class Pipeline:
             return self.spec
         return replace(self.spec, task=resolve_task("auto", getattr(items, "name", None)))
 
-    def build_stages(self, spec: PipelineSpec | None = None) -> list[BoundStage]:
+    def build_stages(self, spec: PipelineSpec | None = None, runtime: Runtime | None = None) -> list[BoundStage]:
         """Instantiate every stage (configs only; weights load lazily on the first cache miss)."""
         spec = spec or self.resolved_spec()
+        dtype = runtime.dtype_name if runtime is not None else None
         bound = []
         for stage_spec in spec.stages:
             stage_class = import_stage_class(stage_spec.type)
             stage = stage_class(build_stage_config(spec, stage_spec))
-            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs))
+            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype))
         return bound
 
     def run(
@@ -84,12 +85,15 @@ class Pipeline:
         eval_options: dict[str, Any] | None = None,
         on_bad_image: str = "error",
     ) -> RunResult:
-        """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset).
+        """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset; a
+        one-shot iterator is materialised, since every stage passes over the items).
 
         ``on_bad_image='skip'`` leaves out items whose image is missing or cannot be decoded; they are
         listed in ``skipped.json`` and count as missing (wrong) in the metrics.
         """
         started = time.perf_counter()
+        if iter(items) is items:  # a generator would be used up by the first stage
+            items = list(items)
         distributed = DistributedContext.from_env()
         distributed.init()
         store = CacheStore(cache_dir)
@@ -97,7 +101,7 @@ class Pipeline:
         if runtime.cache_dir is None:
             runtime = replace(runtime, cache_dir=store.directory)
         spec = self.resolved_spec(items)
-        runner = PipelineRunner(self.build_stages(spec), store, runtime, progress, on_bad_image=on_bad_image)
+        runner = PipelineRunner(self.build_stages(spec, runtime), store, runtime, progress, on_bad_image=on_bad_image)
         work = Shard(items, distributed.rank, distributed.world_size) if distributed.active else items
         total = len(work) if hasattr(work, "__len__") else None  # type: ignore[arg-type]
         out = Path(out_dir) if out_dir is not None and distributed.is_main else None

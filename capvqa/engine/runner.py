@@ -42,6 +42,24 @@ def revision_field(model_field: str) -> str:
     return model_field.removesuffix("_model") + "_revision"
 
 
+def default_model_fingerprints(stage: Any) -> dict[str, str]:
+    """Fingerprints of the hub ids / local folders in a stage's ``MODEL_FIELDS``."""
+    from capvqa.models.loading import ModelRef, model_fingerprint
+
+    config = stage.config
+    single = len(stage.MODEL_FIELDS) == 1
+    models = {}
+    for field_name in stage.MODEL_FIELDS:
+        model_id = getattr(config, field_name, None)
+        if not model_id:
+            continue
+        revision_name = revision_field(field_name)
+        if single and not hasattr(config, revision_name):
+            revision_name = "revision"  # a stage with one model may call its revision just "revision"
+        models[field_name] = model_fingerprint(ModelRef(model_id, getattr(config, revision_name, None)))
+    return models
+
+
 @dataclass
 class BoundStage:
     """A stage object placed in a pipeline: its name there, where its inputs come from, its key part."""
@@ -52,20 +70,14 @@ class BoundStage:
     fingerprint: str
 
     @classmethod
-    def create(cls, name: str, stage: Any, inputs: dict[str, str]) -> BoundStage:
-        from capvqa.models.loading import ModelRef, model_fingerprint
-
+    def create(cls, name: str, stage: Any, inputs: dict[str, str], dtype: str | None = None) -> BoundStage:
+        """``dtype`` (the run's model precision) enters the key of stages that run a model: bf16 and
+        fp32 results differ by more than rounding, so they must not be mixed in the cache."""
         config = stage.config
-        single = len(stage.MODEL_FIELDS) == 1
-        models = {}
-        for field_name in stage.MODEL_FIELDS:
-            model_id = getattr(config, field_name, None)
-            if not model_id:
-                continue
-            revision_name = revision_field(field_name)
-            if single and not hasattr(config, revision_name):
-                revision_name = "revision"  # a stage with one model may call its revision just "revision"
-            models[field_name] = model_fingerprint(ModelRef(model_id, getattr(config, revision_name, None)))
+        own = getattr(stage, "model_fingerprints", None)  # a stage whose "model" is not a hub/local model
+        models = dict(own()) if callable(own) else default_model_fingerprints(stage)
+        if dtype and any(not m.startswith("api:") for m in models.values()):  # local weights only
+            models["dtype"] = dtype
         fingerprint = stage_fingerprint(f"{stage.NAME}", stage.VERSION, semantic_config(config), models)
         return cls(name=name, stage=stage, inputs=dict(inputs), fingerprint=fingerprint)
 
@@ -320,6 +332,7 @@ class PipelineRunner:
         rest of the batch runs.
         """
         stage = bound.stage
+        out_of_memory = False
         try:
             compute_started = time.perf_counter()
             outputs = stage.run(batch)
@@ -337,6 +350,8 @@ class PipelineRunner:
         except Exception as error:
             if not _is_out_of_memory(error) or len(batch) == 1:
                 raise
+            out_of_memory = True  # retried below: inside this block the traceback pins the failed batch
+        if out_of_memory:
             stats.oom_splits += 1
             log.warning("%s: out of memory on a batch of %d; retrying as two halves", bound.name, len(batch))
             _free_accelerator_memory()

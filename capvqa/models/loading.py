@@ -48,8 +48,25 @@ def model_fingerprint(ref: ModelRef) -> str:
     revision = ref.revision or "main"
     if _COMMIT_RE.match(revision):
         return f"hub:{ref.id}@{revision}"
-    commit = _cached_commit(ref.id, revision)
+    commit = _cached_commit(ref.id, revision) or _remote_commit(ref.id, revision)
+    if commit is None:
+        log.warning("the revision %r of %s could not be resolved to a commit (offline and not in the HF "
+                    "cache): its cache keys will change once it is downloaded", revision, ref.id)
     return f"hub:{ref.id}@{commit}" if commit else f"hub:{ref.id}@{revision}(unresolved)"
+
+
+def _remote_commit(repo_id: str, revision: str) -> str | None:
+    """Ask the hub which commit ``revision`` is, so even a first run's cache keys name the commit that
+    ``from_pretrained`` will then download (a first run must not write keys a second run cannot find)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        commit = HfApi().model_info(repo_id, revision=revision, timeout=15).sha
+    except Exception:  # noqa: BLE001 - any failure means "unknown"; loading will report real problems
+        return None
+    return commit if commit and _COMMIT_RE.match(commit) else None
 
 
 def _cached_commit(repo_id: str, revision: str) -> str | None:

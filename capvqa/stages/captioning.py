@@ -47,6 +47,12 @@ class PatchCaptioningConfig:
     batch_size: int = non_semantic(8)
     max_rows_per_generate: int = non_semantic(1600)
 
+    def __post_init__(self) -> None:
+        if self.num_captions < 1 or self.num_patches < 1 or self.max_rounds < 1:
+            raise ValueError("captioning: num_captions, num_patches and max_rounds must be >= 1")
+        if not 0 <= self.min_length <= self.max_length:
+            raise ValueError(f"captioning: need min_length <= max_length, got {self.min_length} > {self.max_length}")
+
 
 @dataclass(frozen=True)
 class Captions:

@@ -103,6 +103,8 @@ class InContextExamples:
     """
 
     examples: list[dict]
+    n_shot: int | None = None  # the selection's settings, so the prompt stage can check it slices alike
+    n_ensemble: int | None = None
 
 
 # ------------------------------------------------------------------------------------ pure ranking
@@ -341,7 +343,9 @@ class ExampleSelection:
         else:
             ranked = self._rank_by_similarity(batch, excluded)
         return [
-            InContextExamples(examples=[self._example(row, score) for row, score in rows]) for rows in ranked
+            InContextExamples(examples=[self._example(row, score) for row, score in rows],
+                              n_shot=self.config.n_shot, n_ensemble=self.config.n_ensemble)
+            for rows in ranked
         ]
 
     def _random_ranks(self, entry: StageInput, excluded: list[int]) -> list[tuple[int, None]]:

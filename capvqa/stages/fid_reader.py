@@ -19,7 +19,7 @@ import torch
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.models.loading import ModelRef, load_model, load_processor
-from capvqa.stages.text import unifiedqa_passages
+from capvqa.stages.text import clean_question, unifiedqa_passages
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ class FiDReaderConfig:
     min_new_tokens: int = 0
     batch_size: int = non_semantic(8)
     max_passages_per_encode: int = non_semantic(64)
+
+    def __post_init__(self) -> None:
+        if self.num_captions_fid < 1 or self.max_new_tokens < 1 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("reader: need num_captions_fid >= 1 and 0 <= min_new_tokens <= max_new_tokens >= 1")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class FiDReader:
 
     def passages_for(self, entry: StageInput) -> list[str]:
         captions = list(entry.upstream["captions"].captions)
+        if not captions:  # no caption survived: answer from the question alone, in the same format
+            return [f"{clean_question(entry.item.question)} \\n ".lower()]
         return unifiedqa_passages(entry.item.question, captions, self.config.num_captions_fid)
 
     def run(self, batch: Sequence[StageInput]) -> list[ReaderAnswer]:
@@ -79,7 +85,6 @@ class FiDReader:
     def answer(self, passages_per_question: list[list[str]]) -> list[str]:
         """Greedy FiD answers, one per question, for lists of passages."""
         cfg, device = self.config, self.runtime.device
-        # a question without captions still gets answered from its question alone
         passages_per_question = [p if p else [""] for p in passages_per_question]
         flat = [p for passages in passages_per_question for p in passages]
         tokens = self.tokenizer(flat, truncation=True, max_length=cfg.max_passage_tokens)["input_ids"]

@@ -19,6 +19,7 @@ empty answer would win the ensemble although it can never be right.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -162,6 +163,16 @@ def choose_candidate(candidates: Sequence[dict[str, Any]]) -> int:
     return max(pool, key=lambda i: (candidates[i]["logprob"], -i))
 
 
+def _resolve_lemmatizer(config: LLMAnswerConfig) -> LLMAnswerConfig:
+    """``auto`` becomes the lemmatizer that will run, before the cache key is made: installing spaCy
+    later must not reuse answers post-processed by the rule lemmatizer."""
+    if config.lemmatizer != "auto" or not config.okvqa:
+        return config
+    from capvqa.eval.lemmatize import spacy_available
+
+    return dataclasses.replace(config, lemmatizer="spacy" if spacy_available() else "rule")
+
+
 class LLMAnswerer:
     NAME: ClassVar[str] = "llm_answer"
     VERSION: ClassVar[str] = "1"
@@ -176,7 +187,7 @@ class LLMAnswerer:
         """``llm`` injects a ready backend (tests, or a model shared between stages); setup then loads
         nothing and cleanup leaves it alone. Keyword overrides build the config (``backend=`` is the
         config's backend *kind*)."""
-        self.config = config or LLMAnswerConfig(**overrides)
+        self.config = _resolve_lemmatizer(config or LLMAnswerConfig(**overrides))
         self._backend: LLMBackend | None = llm
         self._injected = llm is not None
         self._lemmatizer: Any = None
@@ -191,6 +202,15 @@ class LLMAnswerer:
         if self._backend is None:
             raise RuntimeError("LLMAnswerer.setup() must run before run()")
         return self._backend
+
+    def model_fingerprints(self) -> dict[str, str]:
+        """An API model is named by its server and model name (both semantic config fields); local
+        models are fingerprinted like any other."""
+        if self.config.backend == "openai":
+            return {"model": f"api:{self.config.base_url}:{self.config.api_model or self.config.model}"}
+        from capvqa.engine.runner import default_model_fingerprints
+
+        return default_model_fingerprints(self)
 
     def setup(self, runtime: Runtime) -> None:
         cfg = self.config

@@ -130,7 +130,15 @@ class PicaPrompt:
                 )
             tags = list(record.tags)
         context = query_context(caption_text(entry.upstream["caption"]), tags)
-        slices = ensemble_slices(entry.upstream["examples"].examples, cfg.n_shot, cfg.n_ensemble)
+        selected = entry.upstream["examples"]
+        selection = (getattr(selected, "n_shot", None), getattr(selected, "n_ensemble", None))
+        if None not in selection and selection != (cfg.n_shot, cfg.n_ensemble):
+            raise ConfigError(
+                f"pica_prompt slices n_shot={cfg.n_shot} x n_ensemble={cfg.n_ensemble} but the examples were "
+                f"selected for n_shot={selection[0]} x n_ensemble={selection[1]}; set both stages alike "
+                "(e.g. --set examples.n_ensemble=5 --set prompt.n_ensemble=5)"
+            )
+        slices = ensemble_slices(selected.examples, cfg.n_shot, cfg.n_ensemble)
         return PicaPrompts(
             prompts=[pica_prompt(context, entry.item.question, examples) for examples in slices],
             num_examples=sum(len(examples) for examples in slices),
