@@ -41,3 +41,15 @@ def test_masked_tokens_are_never_chosen():
     scores[:, 4] = float("-inf")  # e.g. EOS banned by min_length
     chosen = choose_tokens(scores, torch.rand(500, dtype=torch.float64), top_k=50, top_p=1.0)
     assert (chosen != 4).all()
+
+
+def test_processor_bans_eos_until_min_new_tokens():
+    from capvqa.stages.seeded_sampling import SeededSamplingProcessor
+
+    seeds = np.array([row_seed(0, "eos", d) for d in range(64)], dtype=np.uint64)
+    processor = SeededSamplingProcessor(seeds, prompt_length=4, top_k=5, top_p=1.0, eos_token_id=3, min_new_tokens=2)
+    scores = torch.zeros(64, 10)
+    scores[:, 3] = 10.0  # EOS is by far the most likely token
+    early = processor(torch.zeros(64, 5, dtype=torch.long), scores).argmax(-1)  # step 1 < 2
+    late = processor(torch.zeros(64, 6, dtype=torch.long), scores).argmax(-1)  # step 2
+    assert (early != 3).all() and (late == 3).all()

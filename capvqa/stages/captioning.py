@@ -178,7 +178,9 @@ class PatchCaptioning:
         memory = image_embeds[row_images[:, None], gather_index.to(device)]
         prompt_length = len(self.prompt_ids)
         input_ids = torch.tensor([self.prompt_ids] * num_rows, device=device)
-        sampler = SeededSamplingProcessor(np.asarray(rows_seed, dtype=np.uint64), prompt_length, cfg.top_k, cfg.top_p)
+        min_new = max(cfg.min_length - prompt_length, 0)
+        sampler = SeededSamplingProcessor(np.asarray(rows_seed, dtype=np.uint64), prompt_length, cfg.top_k,
+                                          cfg.top_p, eos_token_id=self.eos_id, min_new_tokens=min_new)
         from transformers import LogitsProcessorList
 
         with torch.inference_mode():
@@ -190,7 +192,8 @@ class PatchCaptioning:
                 do_sample=False,
                 num_beams=1,
                 max_new_tokens=max(cfg.max_length - prompt_length, 0),
-                min_new_tokens=max(cfg.min_length - prompt_length, 0),
+                min_length=0,  # the sampler bans EOS until min_length (see SeededSamplingProcessor)
+                min_new_tokens=0,
                 repetition_penalty=cfg.repetition_penalty,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,

@@ -62,16 +62,26 @@ class SeededSamplingProcessor:
     ``generate`` appends user processors.
     """
 
-    def __init__(self, seeds: np.ndarray, prompt_length: int, top_k: int, top_p: float) -> None:
+    def __init__(
+        self, seeds: np.ndarray, prompt_length: int, top_k: int, top_p: float,
+        eos_token_id: int | None = None, min_new_tokens: int = 0,
+    ) -> None:
+        """``min_new_tokens``: EOS is banned until that many tokens are generated (done here rather than
+        by ``generate``'s own min-length processors, which would each pass over the full logits again)."""
         self.seeds = np.asarray(seeds, dtype=np.uint64)
         self.prompt_length = prompt_length
         self.top_k = top_k
         self.top_p = top_p
+        self.eos_token_id = eos_token_id
+        self.min_new_tokens = min_new_tokens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[0] != self.seeds.shape[0]:
             raise RuntimeError("seeded sampling expects one seed per generated row (no beams, no expansion)")
         step = input_ids.shape[1] - self.prompt_length
+        if self.eos_token_id is not None and step < self.min_new_tokens:
+            scores = scores.clone()
+            scores[:, self.eos_token_id] = float("-inf")
         uniforms = torch.from_numpy(step_uniforms(self.seeds, step)).to(scores.device)
         tokens = choose_tokens(scores, uniforms, self.top_k, self.top_p)
         forced = torch.full_like(scores, float("-inf"))
