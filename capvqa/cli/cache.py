@@ -37,7 +37,7 @@ def info(cache_dir: CacheDirOption = None) -> None:
 def clear(
     stage: Annotated[Optional[str], typer.Option(help="Only this stage (as listed by `capvqa cache info`).")] = None,
     cache_dir: CacheDirOption = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (never asked without a terminal).")] = False,
 ) -> None:
     """Delete cached results (all, or one stage's)."""
     from capvqa.engine.store import CacheStore
@@ -48,7 +48,10 @@ def clear(
     if stage is not None and stage not in known:
         raise UserError(f"no cached stage {stage!r} in {store.path}; cached stages: {known or 'none'}")
     what = f"stage {stage}" if stage else "every stage"
-    if not yes and not typer.confirm(f"Delete the cached results of {what} in {store.path}?"):
+    import sys
+
+    interactive = sys.stdin.isatty()
+    if not yes and interactive and not typer.confirm(f"Delete the cached results of {what} in {store.path}?"):
         raise typer.Abort()
     removed = store.clear(stage)
     console.print(f"removed {removed} entries ({what})")
