@@ -47,10 +47,19 @@ class BlipItm:
         return input_ids, tokens["attention_mask"].to(self.runtime.device)
 
 
-def load_blip_itm(model_id: str, revision: str | None, runtime: Runtime, enc_token_id: int | None = None) -> BlipItm:
+def load_blip_itm(
+    model_id: str, revision: str | None, runtime: Runtime, enc_token_id: int | None = None,
+    checkpoint: str | None = None,
+) -> BlipItm:
+    """The ITM model ``model_id``, or -- with ``checkpoint`` -- an original BLIP ``.pth`` (path or URL)
+    converted once into ``model_id``'s architecture and processor."""
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
     ref = ModelRef(model_id, revision)
+    if checkpoint:
+        from capvqa.models.blip_checkpoint import ensure_blip_model
+
+        ref = ModelRef(str(ensure_blip_model(checkpoint, "itm", ref)))
     processor = load_processor(BlipProcessor, ref)
     model = load_model(BlipForImageTextRetrieval, ref, device=runtime.device, dtype=runtime.dtype)
     resolved = enc_token_id if enc_token_id is not None else _enc_token_id(processor.tokenizer, model)

@@ -34,6 +34,7 @@ def clean_caption(caption: str, max_words: int = 50) -> str:
 class CaptionFilterConfig:
     model: str = "Salesforce/blip-itm-large-coco"
     revision: str | None = None
+    checkpoint: str | None = None  # an original BLIP .pth (path or URL), converted into `model`
     threshold: float = 0.5
     max_text_tokens: int = 35
     enc_token_id: int | None = None
@@ -65,7 +66,8 @@ class CaptionFilter:
 
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id)
+        self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id,
+                                 self.config.checkpoint)
 
     def cost(self, entry: StageInput) -> int:
         return len(entry.upstream["captions"].captions)

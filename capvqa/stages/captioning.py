@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class PatchCaptioningConfig:
     model: str = "Salesforce/blip-image-captioning-large"
     revision: str | None = None
+    checkpoint: str | None = None  # an original BLIP .pth (path or URL), converted into `model`
     prompt: str = "a picture of "
     num_captions: int = 100
     num_patches: int = 20
@@ -80,6 +81,10 @@ class PatchCaptioning:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         ref = ModelRef(self.config.model, self.config.revision)
+        if self.config.checkpoint:  # the paper's COCO-train2014 BLIP, converted into the hub architecture
+            from capvqa.models.blip_checkpoint import ensure_blip_model
+
+            ref = ModelRef(str(ensure_blip_model(self.config.checkpoint, "captioner", ref)))
         self.runtime = runtime
         self.processor = load_processor(BlipProcessor, ref)
         self._model = load_model(BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class GradCamMatchingConfig:
     model: str = "Salesforce/blip-itm-large-coco"
     revision: str | None = None
+    checkpoint: str | None = None  # an original BLIP .pth (path or URL), converted into `model`
     block_num: int = 7
     max_text_tokens: int = 35
     max_question_words: int = 50
@@ -61,7 +62,8 @@ class GradCamMatching:
 
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id)
+        self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id,
+                                 self.config.checkpoint)
         self._model, self.processor, self.enc_token_id = self.itm.model, self.itm.processor, self.itm.enc_token_id
         text_config = self._model.config.text_config
         if not 0 <= self.config.block_num < text_config.num_hidden_layers:
