@@ -1,6 +1,5 @@
 """Memory stays flat in the dataset size: 20,000 synthetic items through PNP-VQA with the tiny models."""
 
-import io
 import json
 import os
 import subprocess
