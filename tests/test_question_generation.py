@@ -10,6 +10,7 @@ from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.stage import StageInput
 from capvqa.errors import ModelLoadError
 from capvqa.models import qg_checkpoint
+from capvqa.models.checkpoints import checkpoint_download_path
 from capvqa.models.loading import ModelRef
 from capvqa.stages.answer_extraction import CandidateAnswers
 from capvqa.stages.caption_filter import FilteredCaptions
@@ -196,7 +197,7 @@ def test_url_is_downloaded_once(tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
-    assert path == again == qg_checkpoint.checkpoint_download_path(url)
+    assert path == again == checkpoint_download_path(url)
     assert path.name == "T5_large_QG.pth" and str(path).startswith(str(qg_checkpoint.capvqa_home()))
     assert requests == ["/T5_large_QG.pth"]
     assert torch.equal(qg_checkpoint.load_checkpoint_state_dict(path)["w"], torch.ones(2))

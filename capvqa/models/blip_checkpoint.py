@@ -63,8 +63,8 @@ from typing import Any, Literal
 import torch
 
 from capvqa.errors import ModelLoadError
+from capvqa.models.checkpoints import capvqa_home, resolve_checkpoint
 from capvqa.models.loading import ModelRef, load_processor, model_fingerprint
-from capvqa.models.qg_checkpoint import capvqa_home, checkpoint_download_path, is_url
 
 log = logging.getLogger(__name__)
 
@@ -157,31 +157,8 @@ def hf_key(key: str, kind: str) -> str | None:
 
 
 def resolve_blip_checkpoint(source: str | Path) -> Path:
-    """A local path to the checkpoint ``source`` (a file path, or a URL downloaded on first use)."""
-    source = str(source)
-    if not is_url(source):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"BLIP checkpoint {source!r} is not a file")
-        return path
-    target = checkpoint_download_path(source)
-    if target.is_file():
-        return target
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelLoadError(
-            f"the BLIP checkpoint {source} is not downloaded yet and HF_HUB_OFFLINE=1. Download it once "
-            f"where the network is reachable (it is cached as {target}), or give a local .pth file."
-        )
-    from capvqa.data.download import RetryPolicy, _fetch, _make_progress, resolve_mirror, resolve_url
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    url = resolve_url(source, resolve_mirror(None))
-    log.info("downloading %s -> %s", url, target)
-    with _make_progress(None) as progress:
-        _fetch(url, part, None, RetryPolicy(), progress, target.name)
-    part.replace(target)
-    return target
+    """A local path to the BLIP checkpoint ``source`` (a file path, or a URL downloaded on first use)."""
+    return resolve_checkpoint(source, "BLIP checkpoint")
 
 
 def load_original_state_dict(path: Path) -> dict[str, torch.Tensor]:

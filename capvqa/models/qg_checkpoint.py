@@ -29,13 +29,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
 
 from capvqa.errors import ModelLoadError
+from capvqa.models.checkpoints import capvqa_home, is_url  # noqa: F401 - re-exported
+from capvqa.models.checkpoints import resolve_checkpoint as resolve_shared_checkpoint
 from capvqa.models.loading import ModelRef, model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -50,47 +51,9 @@ _TIED_TO_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _UNTIED_WARNING = "but both are present in the checkpoints with different values"
 
 
-def capvqa_home() -> Path:
-    """``$CAPVQA_HOME``, default ``~/.cache/capvqa``."""
-    return Path(os.environ.get("CAPVQA_HOME") or Path.home() / ".cache" / "capvqa").expanduser()
-
-
-def is_url(source: str) -> bool:
-    return urlsplit(source).scheme in ("http", "https")
-
-
-def checkpoint_download_path(url: str) -> Path:
-    """Where a downloaded checkpoint lives: one folder per URL, the file keeps its name."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    name = PurePosixPath(urlsplit(url).path).name or "checkpoint.pth"
-    return capvqa_home() / "checkpoints" / digest / name
-
-
 def resolve_checkpoint(source: str) -> Path:
-    """A local path to the checkpoint ``source`` (a file path, or a URL downloaded on first use)."""
-    if not is_url(source):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"question-generation checkpoint {source!r} is not a file")
-        return path
-    target = checkpoint_download_path(source)
-    if target.is_file():
-        return target
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelLoadError(
-            f"the question-generation checkpoint {source} is not downloaded yet and HF_HUB_OFFLINE=1. "
-            f"Download it once where the network is reachable (it is cached as {target}), or set "
-            "checkpoint to a local .pth file."
-        )
-    from capvqa.data.download import RetryPolicy, _fetch, _make_progress
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    log.info("downloading %s -> %s", source, target)
-    with _make_progress(None) as progress:
-        _fetch(source, part, None, RetryPolicy(), progress, target.name)
-    part.replace(target)
-    return target
+    """A local path to the QG checkpoint ``source`` (a file path, or a URL downloaded on first use)."""
+    return resolve_shared_checkpoint(source, "question-generation checkpoint")
 
 
 def load_checkpoint_state_dict(path: Path, key: str = STATE_DICT_KEY) -> dict[str, torch.Tensor]:
