@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -27,3 +28,9 @@ def sample_dir() -> Path:
 def pipelines_dir() -> Path:
     """The declarative pipeline configs (``pipelines/`` in a checkout)."""
     return _first_existing(_REPO_DIR / "pipelines", _PACKAGE_DIR / "_bundled" / "pipelines")
+
+
+def capvqa_home() -> Path:
+    """Where capvqa keeps its own files (cache, tiny zoo, converted checkpoints): ``$CAPVQA_HOME``,
+    default ``~/.cache/capvqa``."""
+    return Path(os.environ.get("CAPVQA_HOME") or Path.home() / ".cache" / "capvqa").expanduser()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from capvqa.atomic import building_directory
+from capvqa.resources import capvqa_home
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def bench_tokenizers() -> tuple:
 
 
 def bench_models_dir() -> Path:
-    home = Path(os.environ.get("CAPVQA_HOME") or Path.home() / ".cache" / "capvqa").expanduser()
-    return home / "bench-models" / f"v{BENCH_MODELS_VERSION}"
+    return capvqa_home() / "bench-models" / f"v{BENCH_MODELS_VERSION}"
 
 
 def ensure_pnp_vqa_models(size: str, root: Path | None = None) -> dict[str, Path]:
@@ -99,17 +98,10 @@ def ensure_pnp_vqa_models(size: str, root: Path | None = None) -> dict[str, Path
 
 
 def _build_atomically(folder: Path, build) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-    try:
-        log.info("building random-weight %s (once)", folder.name)
+    log.info("building random-weight %s (once)", folder.name)
+    with building_directory(folder, "bench.json") as staging:
         build(staging)
         (staging / "bench.json").write_text(json.dumps({"random_weights": True, "seed": SEED}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _build_blip(role: str, size: str, folder: Path) -> None:

@@ -55,8 +55,9 @@ def default_cache_dir() -> Path:
     """``$CAPVQA_CACHE_DIR``, else ``$CAPVQA_HOME/cache``, else ``~/.cache/capvqa/cache``."""
     if env := os.environ.get("CAPVQA_CACHE_DIR"):
         return Path(env)
-    home = Path(os.environ.get("CAPVQA_HOME", Path.home() / ".cache" / "capvqa"))
-    return home / "cache"
+    from capvqa.resources import capvqa_home
+
+    return capvqa_home() / "cache"
 
 
 class CacheStore:

@@ -51,10 +51,7 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +59,7 @@ from typing import Any, Literal
 
 import torch
 
+from capvqa.atomic import building_directory
 from capvqa.errors import ModelLoadError
 from capvqa.models.checkpoints import capvqa_home, resolve_checkpoint
 from capvqa.models.loading import ModelRef, load_processor, model_fingerprint
@@ -391,9 +389,7 @@ def convert_blip_checkpoint(
     special_ids = _check_tokenizer(processor.tokenizer, config.text_config.vocab_size, ref)
     generation_config = _base_generation_config(ref) if kind == "captioner" else None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
-    try:
+    with building_directory(out_dir, MARKER) as staging:
         config.save_pretrained(staging)
         save_file(conversion.tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         processor.save_pretrained(staging)
@@ -414,16 +410,6 @@ def convert_blip_checkpoint(
             "dropped": {reason: sorted(keys) for reason, keys in sorted(conversion.dropped.items())},
         }
         (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        staging.chmod(0o755)
-        try:
-            os.replace(staging, out_dir)  # atomic; fails when a non-empty out_dir is already there
-        except OSError:
-            if not (out_dir / MARKER).is_file():
-                raise
-            log.info("%s was converted by another process meanwhile; using that copy", out_dir)
-            return out_dir
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     counts = Counter({reason: len(keys) for reason, keys in conversion.dropped.items()})
     log.info("converted %s into %s (%s, base %s); dropped %s", checkpoint, out_dir, kind, ref.id,
              dict(counts) or "nothing")

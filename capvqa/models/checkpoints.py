@@ -14,13 +14,9 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from capvqa.errors import ModelLoadError
+from capvqa.resources import capvqa_home
 
 log = logging.getLogger(__name__)
-
-
-def capvqa_home() -> Path:
-    """``$CAPVQA_HOME``, default ``~/.cache/capvqa``."""
-    return Path(os.environ.get("CAPVQA_HOME") or Path.home() / ".cache" / "capvqa").expanduser()
 
 
 def is_url(source: str) -> bool:

@@ -25,15 +25,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from capvqa.atomic import building_directory
 from capvqa.errors import ModelLoadError
 from capvqa.models.checkpoints import capvqa_home, is_url  # noqa: F401 - re-exported
 from capvqa.models.checkpoints import resolve_checkpoint as resolve_shared_checkpoint
@@ -147,9 +145,7 @@ def convert_qg_checkpoint(
     config = _base_config(base)
     tensors = conversion_tensors(load_checkpoint_state_dict(checkpoint, key), config)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
-    try:
+    with building_directory(out_dir, _MARKER) as staging:
         config.save_pretrained(staging)
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         load_processor(AutoTokenizer, base).save_pretrained(staging)
@@ -161,16 +157,6 @@ def convert_qg_checkpoint(
             "untied_lm_head": "lm_head.weight" in tensors,
         }
         (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        staging.chmod(0o755)
-        try:
-            os.replace(staging, out_dir)  # atomic; fails when a non-empty out_dir is already there
-        except OSError:
-            if not (out_dir / _MARKER).is_file():
-                raise
-            log.info("%s was converted by another process meanwhile; using that copy", out_dir)
-            return out_dir
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("converted %s into %s (%s)", checkpoint, out_dir, base.id)
     return out_dir
 

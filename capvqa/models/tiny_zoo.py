@@ -28,9 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,8 +47,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from capvqa.atomic import building_directory
 from capvqa.errors import ModelLoadError
 from capvqa.models import offline_tokenizers
+from capvqa.resources import capvqa_home
 
 logger = logging.getLogger(__name__)
 
@@ -360,8 +359,7 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
 
 def default_zoo_dir() -> Path:
     """``$CAPVQA_HOME/tiny-zoo/v{ZOO_VERSION}`` (``CAPVQA_HOME`` defaults to ``~/.cache/capvqa``)."""
-    home = Path(os.environ.get("CAPVQA_HOME") or Path.home() / ".cache" / "capvqa").expanduser()
-    return home / "tiny-zoo" / f"v{ZOO_VERSION}"
+    return capvqa_home() / "tiny-zoo" / f"v{ZOO_VERSION}"
 
 
 def _zoo_paths(root: Path) -> dict[str, Path]:
@@ -381,18 +379,7 @@ def ensure_tiny_zoo(root: Path | None = None) -> dict[str, Path]:
         raise ModelLoadError(
             f"{root} exists but holds no {MANIFEST_NAME}: it is not a complete tiny zoo. Delete it and retry."
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the zoo is a plain readable cache folder
-    try:
-        logger.info("building the tiny model zoo v%d in %s", ZOO_VERSION, root)
+    logger.info("building the tiny model zoo v%d in %s", ZOO_VERSION, root)
+    with building_directory(root, MANIFEST_NAME) as staging:
         build_tiny_zoo(staging)
-        try:
-            os.replace(staging, root)  # atomic; replaces an empty folder, fails on a non-empty one
-        except OSError:
-            if not (root / MANIFEST_NAME).is_file():
-                raise  # not a lost race: something else is in the way
-            logger.info("another process built the tiny zoo first; using its copy")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return _zoo_paths(root)
