@@ -351,7 +351,7 @@ def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
     if "seed" in field_types and "seed" not in params:
         params["seed"] = spec.seed
     if "task" in field_types and "task" not in params:
-        params["task"] = resolve_task(spec.task, None) if spec.task == "auto" else spec.task
+        params["task"] = resolve_task(spec.task, None)
     for f in dataclasses.fields(stage_class.Config):  # types first: __post_init__ checks assume them
         if f.name in params:
             _check_type(stage.name, f, params[f.name])

@@ -128,7 +128,7 @@ class Pipeline:
         predictions: dict[Any, str] = {}
         scored_items: list[VQAItem] = []
         num_items = 0
-        answer_stage = self.spec.answer
+        answer_stage = spec.answer
         with ExitStack() as stack:
             records_file = stack.enter_context(atomic_open(out / "records.jsonl")) if out is not None else None
             for item, outputs in runner.results(items):
@@ -168,7 +168,7 @@ class Pipeline:
             if metrics is not None:
                 atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             timings = {
-                "pipeline": self.spec.name,
+                "pipeline": spec.name,
                 "device": str(runtime.device),
                 "dtype": runtime.dtype_name,
                 "host": platform.node(),

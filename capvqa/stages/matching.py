@@ -58,13 +58,12 @@ class GradCamMatching:
 
     def __init__(self, config: GradCamMatchingConfig | None = None, **overrides: Any) -> None:
         self.config = config or GradCamMatchingConfig(**overrides)
-        self._model: Any = None
+        self.itm: Any = None
 
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id,
                                  self.config.checkpoint)
-        self._model, self.processor, self.enc_token_id = self.itm.model, self.itm.processor, self.itm.enc_token_id
         text_config = self._model.config.text_config
         if not 0 <= self.config.block_num < text_config.num_hidden_layers:
             raise ValueError(
@@ -74,6 +73,18 @@ class GradCamMatching:
         self.grid = self.itm.grid
         log.info("matching: BLIP ITM %s, cross-attention layer %d, %dx%d patches",
                  self.config.model, self.config.block_num, *self.grid)
+
+    @property
+    def _model(self) -> Any:
+        return self.itm.model
+
+    @property
+    def processor(self) -> Any:
+        return self.itm.processor
+
+    @property
+    def enc_token_id(self) -> int:
+        return self.itm.enc_token_id
 
     def cost(self, entry: StageInput) -> int:
         return len(entry.item.question)
@@ -128,6 +139,6 @@ class GradCamMatching:
         )
 
     def cleanup(self) -> None:
-        self._model = self.itm = None
+        self.itm = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
