@@ -70,6 +70,35 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert all(found[f"k{i}"][0] == f'{{"i":{i}}}'.encode() for i in range(200))
 
 
+def _open_fresh_cache_at_once(directory: str, barrier, results) -> None:
+    barrier.wait()  # every process opens the brand-new database at the same instant
+    try:
+        store = CacheStore(directory)
+        store.existing_keys(["a"])
+        store.put_many("s", [("a", b"{}", b"")])
+        results.put("ok")
+    except Exception as error:  # reported to the parent, which asserts on it
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_opening_a_fresh_cache_together_all_succeed(tmp_path):
+    # Regression: the WAL switch on a new file does not wait on SQLite's busy handler, so a second run
+    # started beside the first used to fail with "database is locked".
+    context = multiprocessing.get_context("fork")
+    for trial in range(30):
+        barrier, results = context.Barrier(6), context.Queue()
+        workers = [
+            context.Process(target=_open_fresh_cache_at_once, args=(str(tmp_path / str(trial)), barrier, results))
+            for _ in range(6)
+        ]
+        for w in workers:
+            w.start()
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for w in workers:
+            w.join(60)
+        assert outcomes == ["ok"] * 6, outcomes
+
+
 def test_unwritable_cache_dir_is_a_clear_error(tmp_path):
     import pytest
 

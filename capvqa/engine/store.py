@@ -11,6 +11,7 @@ Values are a JSON header plus raw array bytes (:mod:`capvqa.engine.codec`); noth
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -80,9 +81,7 @@ class CacheStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_SECONDS, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.executescript(_SCHEMA)
+            _initialise(connection)
         except (OSError, sqlite3.OperationalError) as error:
             raise UserError(
                 f"cannot open the stage cache at {self.path}: {error}. Point --cache-dir (or "
@@ -186,6 +185,37 @@ class CacheStore:
             removed = connection.execute("DELETE FROM entries WHERE stage = ?", (stage,)).rowcount
         connection.execute("VACUUM")
         return removed
+
+
+def _initialise(connection: sqlite3.Connection) -> None:
+    """Switch to WAL and create the schema, retrying while another process does the same.
+
+    SQLite does not call the busy handler for every lock these statements take (the journal-mode switch
+    on a brand-new file in particular), so two runs opening a fresh cache at the same instant can get
+    "database is locked" at once instead of waiting. Both statements are idempotent, so retrying with a
+    jittered back-off until the busy timeout is safe.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_SECONDS
+    delay = 0.01
+    while True:
+        try:
+            if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(_SCHEMA)
+            return
+        except sqlite3.OperationalError as error:
+            if not _is_lock_contention(error) or time.monotonic() > deadline:
+                raise
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            time.sleep(delay * (1.0 + random.random()))
+            delay = min(delay * 2, 0.5)
+
+
+def _is_lock_contention(error: sqlite3.OperationalError) -> bool:
+    message = str(error).lower()
+    return "locked" in message or "busy" in message
 
 
 def _chunks(values: list[str], size: int) -> Iterable[list[str]]:
