@@ -14,8 +14,8 @@ import torch
 
 from capvqa.errors import ModelLoadError
 from capvqa.models import blip_checkpoint as bc
-from capvqa.models.loading import ModelRef
 from capvqa.models.checkpoints import capvqa_home, checkpoint_download_path
+from capvqa.models.loading import ModelRef
 
 WORDS = "text_decoder.bert.embeddings.word_embeddings.weight"
 DECODER = "text_decoder.cls.predictions.decoder"

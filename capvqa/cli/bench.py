@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,17 +15,17 @@ def bench(
     pipeline: Annotated[str, typer.Argument(help="pnp-vqa (the configs pnp-vqa-SIZE are used).")] = "pnp-vqa",
     size: Annotated[str, typer.Option(help="base | large | 3b (the UnifiedQA reader).")] = "base",
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architectures and vocabulary sizes with random weights (no download).")] = False,
-    models: Annotated[Optional[str], typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
+    models: Annotated[str | None, typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
     questions: Annotated[int, typer.Option(help="Synthetic questions (one image each).")] = 4,
     batch_size: Annotated[int, typer.Option(help="Batch size of every stage.")] = 4,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | cuda:N | mps (default: best available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | mps (default: best available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
     num_captions: Annotated[int, typer.Option(help="Captions per question.")] = 100,
     num_patches: Annotated[int, typer.Option(help="Patches per caption.")] = 20,
     caption_tokens: Annotated[int, typer.Option(help="Forced new tokens per caption (min = max).")] = 16,
     answer_tokens: Annotated[int, typer.Option(help="Forced answer tokens (min = max).")] = 19,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result JSON here.")] = None,
 ) -> None:
     """Measure each stage of PNP-VQA on synthetic images with forced generation lengths. Random weights
     measure cost only, never accuracy."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,7 +11,7 @@ from capvqa.cli.console import console
 
 app = typer.Typer(no_args_is_help=True)
 
-CacheDirOption = Annotated[Optional[Path], typer.Option(help="Cache directory (default ~/.cache/capvqa/cache).")]
+CacheDirOption = Annotated[Path | None, typer.Option(help="Cache directory (default ~/.cache/capvqa/cache).")]
 
 
 @app.command("info")
@@ -35,7 +35,7 @@ def info(cache_dir: CacheDirOption = None) -> None:
 
 @app.command("clear")
 def clear(
-    stage: Annotated[Optional[str], typer.Option(help="Only this stage (as listed by `capvqa cache info`).")] = None,
+    stage: Annotated[str | None, typer.Option(help="Only this stage (as listed by `capvqa cache info`).")] = None,
     cache_dir: CacheDirOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (never asked without a terminal).")] = False,
 ) -> None:

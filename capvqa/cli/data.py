@@ -7,7 +7,7 @@ A thin layer over :mod:`capvqa.data.download`; that module is imported inside ea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,7 +23,7 @@ def download(
     root: Annotated[Path, typer.Option("--root", help="Data root (loader layout goes under it).")],
     force: Annotated[bool, typer.Option("--force", help="Download and extract again even if done.")] = False,
     mirror: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--mirror",
             help="Base URL replacing scheme and host of every source (default: $CAPVQA_DOWNLOAD_MIRROR).",

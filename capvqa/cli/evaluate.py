@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,15 +13,15 @@ from capvqa.cli.console import console
 
 def evaluate(
     predictions: Annotated[Path, typer.Option(help="Results file: [{\"question_id\", \"answer\"}].")],
-    questions: Annotated[Optional[Path], typer.Option(help="Official questions JSON (with --annotations).")] = None,
-    annotations: Annotated[Optional[Path], typer.Option(help="Official annotations JSON.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Instead of --questions/--annotations: sample | vqav2 | okvqa | hf:NAME | folder.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split of --dataset.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Root of downloaded vqav2/okvqa files.")] = None,
+    questions: Annotated[Path | None, typer.Option(help="Official questions JSON (with --annotations).")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="Official annotations JSON.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Instead of --questions/--annotations: sample | vqav2 | okvqa | hf:NAME | folder.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of --dataset.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Root of downloaded vqav2/okvqa files.")] = None,
     only_predicted: Annotated[bool, typer.Option(help="Score only questions that have a prediction (a subset run) instead of counting the others as missing.")] = False,
     variant: Annotated[str, typer.Option(help="official (pre-2021 script, as LAVIS and the papers) | symmetric (EvalAI-style).")] = "official",
     lemmatize: Annotated[str, typer.Option(help="Lemmatise predictions first (OK-VQA option): none | auto | spacy | rule.")] = "none",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Score PREDICTIONS: overall, per answer type, per question type and per question (x100, 2 decimals)."""
     from rich.table import Table

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,21 +13,21 @@ from capvqa.cli.console import console, err_console
 
 def run(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name (pipelines/NAME.yaml), a config path, or a run folder's config.yaml.")],
-    dataset: Annotated[Optional[str], typer.Option(help="sample | vqav2 | okvqa | hf:NAME_OR_PATH | path to a folder laid out like data/sample.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Dataset split (e.g. val2014).")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Where `capvqa data download` put vqav2/okvqa/coco.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N questions.")] = None,
-    question_ids: Annotated[Optional[str], typer.Option(help="Comma-separated question ids to run.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/PIPELINE-TIMESTAMP).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Items per batch for every stage.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of every random stage (default 42).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache directory (default ~/.cache/capvqa/cache).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: stage.param=value, models.ROLE=ID, seed=N.")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Model preset for every role: hub (config's ids) or tiny (offline random tiny models).")] = None,
-    lemmatize: Annotated[Optional[str], typer.Option(help="Lemmatise predictions before scoring (OK-VQA option): none | auto | spacy | rule.")] = None,
-    on_bad_image: Annotated[Optional[str], typer.Option(help="error: stop at a missing/corrupt image (default); skip: leave such questions out, list them in skipped.json and count them as missing.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="sample | vqav2 | okvqa | hf:NAME_OR_PATH | path to a folder laid out like data/sample.")] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset split (e.g. val2014).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Where `capvqa data download` put vqav2/okvqa/coco.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N questions.")] = None,
+    question_ids: Annotated[str | None, typer.Option(help="Comma-separated question ids to run.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/PIPELINE-TIMESTAMP).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Items per batch for every stage.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random stage (default 42).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Stage cache directory (default ~/.cache/capvqa/cache).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: stage.param=value, models.ROLE=ID, seed=N.")] = None,
+    models: Annotated[str | None, typer.Option(help="Model preset for every role: hub (config's ids) or tiny (offline random tiny models).")] = None,
+    lemmatize: Annotated[str | None, typer.Option(help="Lemmatise predictions before scoring (OK-VQA option): none | auto | spacy | rule.")] = None,
+    on_bad_image: Annotated[str | None, typer.Option(help="error: stop at a missing/corrupt image (default); skip: leave such questions out, list them in skipped.json and count them as missing.")] = None,
     report: Annotated[bool, typer.Option(help="Write report.html and report.md into the run folder.")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:

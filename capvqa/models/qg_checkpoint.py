@@ -33,7 +33,7 @@ import torch
 
 from capvqa.atomic import building_directory
 from capvqa.errors import ModelLoadError
-from capvqa.models.checkpoints import capvqa_home  # noqa: F401 - re-exported for callers of this module
+from capvqa.models.checkpoints import capvqa_home
 from capvqa.models.checkpoints import resolve_checkpoint as resolve_shared_checkpoint
 from capvqa.models.loading import ModelRef, model_fingerprint
 
