@@ -67,6 +67,7 @@ def run_benchmark(
 
     from capvqa.bench.memory import PeakMemory
     from capvqa.data.datasets import open_dataset
+    from capvqa.engine.host_memory import host_allocator
     from capvqa.engine.pipeline import Pipeline
     from capvqa.engine.runner import PipelineRunner
     from capvqa.engine.runtime import make_runtime
@@ -130,7 +131,7 @@ def run_benchmark(
                                          if runtime.device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
         "settings": {
             "pipeline": config_name, "models": models, "questions": questions, "batch_size": batch_size,
-            "dtype": runtime.dtype_name, "threads": torch.get_num_threads(), "num_captions": num_captions,
+            "dtype": runtime.dtype_name, "threads": torch.get_num_threads(), "host_allocator": host_allocator(), "num_captions": num_captions,
             "num_patches": num_patches, "caption_new_tokens": caption_tokens, "answer_tokens": answer_tokens,
         },
         "random_weights": True,

@@ -28,6 +28,7 @@ from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
 from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec, resolve_task
 from capvqa.engine.distributed import DistributedContext, Shard
+from capvqa.engine.host_memory import host_allocator
 from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats, merge_rank_stats
 from capvqa.engine.runtime import Runtime, make_runtime
 from capvqa.engine.store import CacheStore
@@ -172,6 +173,7 @@ class Pipeline:
                 "device": str(runtime.device),
                 "dtype": runtime.dtype_name,
                 "host": platform.node(),
+                "host_allocator": host_allocator(),
                 "num_questions": num_items,
                 "num_predictions": len(predictions),
                 "num_skipped": len(runner.skipped),

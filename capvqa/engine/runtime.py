@@ -56,5 +56,11 @@ def resolve_dtype(device: torch.device, requested: str | None = None) -> torch.d
 
 
 def make_runtime(device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None) -> Runtime:
+    """The run's device and dtype. On CPU this also tunes the process's allocator once
+    (:mod:`capvqa.engine.host_memory`: large tensors reuse freed memory instead of fresh pages)."""
     resolved = resolve_device(device)
+    if resolved.type == "cpu":
+        from capvqa.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     return Runtime(device=resolved, dtype=resolve_dtype(resolved, dtype), cache_dir=cache_dir)
