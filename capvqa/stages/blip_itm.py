@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from capvqa.engine.runtime import Runtime
+from capvqa.models.blip_vision_attention import use_fused_vision_attention
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 BLIP_ENC_TOKEN_ID = 30523
@@ -62,6 +63,7 @@ def load_blip_itm(
         ref = ModelRef(str(ensure_blip_model(checkpoint, "itm", ref)))
     processor = load_processor(BlipProcessor, ref)
     model = load_model(BlipForImageTextRetrieval, ref, device=runtime.device, dtype=runtime.dtype)
+    use_fused_vision_attention(model)
     resolved = enc_token_id if enc_token_id is not None else _enc_token_id(processor.tokenizer, model)
     return BlipItm(processor=processor, model=model, enc_token_id=resolved, runtime=runtime)
 

@@ -22,6 +22,7 @@ import torch
 
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.models.blip_vision_attention import use_fused_vision_attention
 from capvqa.models.loading import ModelRef, load_model, load_processor
 from capvqa.stages.images import distinct_images
 from capvqa.stages.patch_sampling import item_rng, sample_patch_sets
@@ -88,6 +89,7 @@ class PatchCaptioning:
         self.runtime = runtime
         self.processor = load_processor(BlipProcessor, ref)
         self._model = load_model(BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype)
+        use_fused_vision_attention(self._model)
         tokenizer = self.processor.tokenizer
         text_config = self._model.config.text_config
         prompt_ids = tokenizer(self.config.prompt, add_special_tokens=True)["input_ids"]

@@ -22,6 +22,7 @@ import torch
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
+from capvqa.models.blip_vision_attention import use_fused_vision_attention
 from capvqa.models.loading import ModelRef, load_model, load_processor
 from capvqa.stages.images import distinct_images
 
@@ -75,6 +76,7 @@ class ImageCaptioning:
         self._model = load_model(
             BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype
         )
+        use_fused_vision_attention(self._model)
         text_config = self._model.config.text_config
         prompt_ids = self.processor.tokenizer(self.config.prompt, add_special_tokens=True)["input_ids"]
         # HF BLIP: [CLS] prompt [SEP] -> [DEC] prompt (the decoder's BOS replaces CLS, SEP dropped)
