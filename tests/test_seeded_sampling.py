@@ -50,6 +50,19 @@ def test_processor_bans_eos_until_min_new_tokens():
     processor = SeededSamplingProcessor(seeds, prompt_length=4, top_k=5, top_p=1.0, eos_token_id=3, min_new_tokens=2)
     scores = torch.zeros(64, 10)
     scores[:, 3] = 10.0  # EOS is by far the most likely token
-    early = processor(torch.zeros(64, 5, dtype=torch.long), scores).argmax(-1)  # step 1 < 2
-    late = processor(torch.zeros(64, 6, dtype=torch.long), scores).argmax(-1)  # step 2
+    # the processor overwrites generate's per-step logits copy in place, so each call gets its own copy
+    early = processor(torch.zeros(64, 5, dtype=torch.long), scores.clone()).argmax(-1)  # step 1 < 2
+    late = processor(torch.zeros(64, 6, dtype=torch.long), scores.clone()).argmax(-1)  # step 2
     assert (early != 3).all() and (late == 3).all()
+
+
+def test_processor_output_keeps_only_the_chosen_token():
+    from capvqa.stages.seeded_sampling import SeededSamplingProcessor, choose_tokens, step_uniforms
+
+    seeds = np.array([row_seed(1, "one", d) for d in range(8)], dtype=np.uint64)
+    scores = torch.randn(8, 30)
+    expected = choose_tokens(scores, torch.from_numpy(step_uniforms(seeds, 0)), top_k=5, top_p=1.0)
+    out = SeededSamplingProcessor(seeds, prompt_length=2, top_k=5, top_p=1.0)(
+        torch.zeros(8, 2, dtype=torch.long), scores.clone())
+    assert torch.equal(out.argmax(-1), expected)
+    assert (torch.isfinite(out).sum(-1) == 1).all()
