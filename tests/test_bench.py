@@ -25,6 +25,8 @@ def test_bench_json_contract(tmp_path, tiny_zoo):
     captioning = result["stages"]["captioning"]
     assert captioning["generated_tokens"] % 7 == 0 and captioning["generated_tokens"] >= 3 * 5 * 7
     assert result["stages"]["reader"]["generated_tokens"] == 3 * 4
+    assert result["stages"]["reader"]["mean_passage_tokens"] > 5  # question + caption tokens
+    assert result["settings"]["host_allocator"]
     assert abs(result["total_seconds_per_question"]
                - sum(s["seconds_per_question"] for s in result["stages"].values())) < 1e-3
     assert result["peak_memory_bytes"] == max(s["peak_memory_bytes"] for s in result["stages"].values())

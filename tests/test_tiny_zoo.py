@@ -287,6 +287,21 @@ def test_real_size_bpe_tokenizers():
         offline_tokenizers.build_real_size_tokenizer("gpt5")
 
 
+def test_whole_word_pieces_make_listed_words_one_token():
+    plain = offline_tokenizers.build_t5_tokenizer(sp_vocab_size=2500, extra_ids=5)
+    words = ["befibu", "bapevi", "zukomara"]
+    whole = offline_tokenizers.build_t5_tokenizer(sp_vocab_size=2500, extra_ids=5, whole_words=words)
+    assert len(whole) == len(plain) == 2505
+    text = "what is befibu bapevi zukomara?"
+    assert len(plain.tokenize(text)) > len(whole.tokenize(text))
+    pieces = whole.tokenize(text)
+    assert all(f"\u2581{w}" in pieces for w in words)
+    assert whole.decode(whole(text).input_ids, skip_special_tokens=True) == text
+    # words the trained pieces already segment are segmented as before
+    for line in offline_tokenizers.vqa_corpus()[:50]:
+        assert whole(line).input_ids == plain(line).input_ids
+
+
 def test_exact_sizes_on_request():
     assert len(offline_tokenizers.build_blip_bert_tokenizer(total_size=1000)) == 1000
     assert len(offline_tokenizers.build_t5_tokenizer(sp_vocab_size=700, extra_ids=5)) == 705

@@ -117,7 +117,11 @@ def run_benchmark(
                 "peak_memory_bytes": int(peak.bytes),
             }
         wall = time.perf_counter() - started
-        draws = sum(outputs["captioning"].draws for _, outputs in runner.results(data))
+        records = [outputs for _, outputs in runner.results(data)]
+        draws = sum(outputs["captioning"].draws for outputs in records)
+        reader_tokenizer = next(b.stage for b in runner.stages if b.name == "reader").tokenizer
+        passages = [p for outputs in records for p in outputs["reader"].passages]
+        passage_tokens = sum(len(ids) for ids in reader_tokenizer(passages)["input_ids"]) / max(len(passages), 1)
         store.close()
 
     tokens = {"captioning": draws * caption_tokens, "reader": questions * answer_tokens}
@@ -125,6 +129,8 @@ def run_benchmark(
         seconds = stages[name]["compute_seconds"]
         stages[name]["generated_tokens"] = count
         stages[name]["generated_tokens_per_second"] = round(count / seconds, 2) if seconds else None
+    # reader cost grows with passage length; recorded so runs with other tokenizers can be compared
+    stages["reader"]["mean_passage_tokens"] = round(passage_tokens, 2)
     total = sum(stage["seconds_per_question"] for stage in stages.values())
     return {
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})"

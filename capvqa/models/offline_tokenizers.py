@@ -306,16 +306,45 @@ def t5_tokenizer_from_spm(
     )
 
 
+def with_whole_word_pieces(spm_model: bytes, words: Iterable[str], score: float = -5.0) -> bytes:
+    """Replace the ``▁<unusedN>`` padding of a trained proto with one ``▁word`` piece per new word.
+
+    A small training corpus cannot teach SentencePiece a real-size vocabulary, so common words come out
+    as several pieces. A whole-word piece scored above any split of the word into trained pieces makes
+    each listed word one token, as frequent words are with T5's real vocabulary. Unused padding beyond
+    the listed words stays; the size never changes.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_model)
+    taken = {piece.piece for piece in proto.pieces}
+    fresh = iter(dict.fromkeys(f"▁{w}" for w in words if f"▁{w}" not in taken))
+    for index, piece in enumerate(proto.pieces):
+        if piece.piece.startswith("▁<unused"):
+            name = next(fresh, None)
+            if name is None:
+                break
+            piece.piece = name
+            piece.score = score - index * 1e-6  # a strict order keeps Viterbi ties deterministic
+    return proto.SerializeToString()
+
+
 def build_t5_tokenizer(
     corpus: Sequence[str] | None = None,
     *,
     sp_vocab_size: int = 500,
     extra_ids: int = 10,
     model_max_length: int = 512,
+    whole_words: Sequence[str] = (),
 ) -> T5Tokenizer:
-    """A T5 tokenizer of ``sp_vocab_size + extra_ids`` entries (real: 32,000 + 100)."""
+    """A T5 tokenizer of ``sp_vocab_size + extra_ids`` entries (real: 32,000 + 100); ``whole_words``
+    become single pieces (:func:`with_whole_word_pieces`) as far as the padding allows."""
+    model = train_sentencepiece_unigram(corpus, vocab_size=sp_vocab_size)
+    if whole_words:
+        model = with_whole_word_pieces(model, whole_words)
     tokenizer = t5_tokenizer_from_spm(
-        train_sentencepiece_unigram(corpus, vocab_size=sp_vocab_size),
+        model,
         extra_ids=extra_ids,
         model_max_length=model_max_length,
     )
