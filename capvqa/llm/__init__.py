@@ -15,7 +15,7 @@ objects and the pure helpers both backends share; it imports nothing heavy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +25,7 @@ __all__ = [
     "LLMBackend",
     "covering_prefix_length",
     "cut_at_stop",
+    "kept_completion",
 ]
 
 
@@ -98,3 +99,19 @@ def covering_prefix_length(prefix_texts: Sequence[str], text: str) -> int:
         if len(prefix) >= len(text):
             return k
     return len(prefix_texts)
+
+
+def kept_completion(
+    decode: Callable[[Sequence[int]], str], tokens: Sequence[int], token_logprobs: Sequence[float],
+    stop: Sequence[str],
+) -> tuple[list[int], float, str]:
+    """(kept token ids, their summed log-probability, kept text) of one generated row.
+
+    ``tokens`` are the generated ids up to (excluding) end-of-sequence and ``token_logprobs`` theirs;
+    ``decode`` turns ids into text without special tokens. The text is cut at the first stop string and
+    the tokens that produced it are those of :func:`covering_prefix_length`. Every local backend ends
+    its rows here, so they keep and score the same tokens.
+    """
+    text, _ = cut_at_stop(decode(tokens), stop)
+    kept = covering_prefix_length([decode(tokens[:k]) for k in range(1, len(tokens) + 1)], text)
+    return list(tokens[:kept]), float(sum(token_logprobs[:kept])), text

@@ -31,7 +31,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import ConfigError, ModelLoadError
-from capvqa.llm import Completion, GenerationSettings, covering_prefix_length, cut_at_stop
+from capvqa.llm import Completion, GenerationSettings, kept_completion
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,33 @@ def left_truncate(ids: list[int], content_ids: list[int], limit: int) -> tuple[l
             f"a prompt cannot be fitted into {limit} tokens: raise context_length or lower max_new_tokens"
         )
     return [*prefix, *content_ids[n - keep :], *suffix], n - keep
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], limit: int | None, context_length: int | None
+) -> list[tuple[list[int], int]]:
+    """Token ids of each prompt (with special tokens), left-truncated to ``limit`` tokens by
+    :func:`left_truncate`, with the number of tokens dropped; a warning says how many were cut."""
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if limit is None:
+        return [(list(row), 0) for row in ids]
+    too_long = [i for i, row in enumerate(ids) if len(row) > limit]
+    content = {}
+    if too_long:
+        plain = tokenizer([prompts[i] for i in too_long], add_special_tokens=False)["input_ids"]
+        content = dict(zip(too_long, plain))
+    encoded = [left_truncate(list(row), list(content.get(i, row)), limit) for i, row in enumerate(ids)]
+    dropped = sum(n for _, n in encoded)
+    if dropped:
+        log.warning(
+            "llm: %d of %d prompt(s) left-truncated to %d tokens (context %s); %d tokens dropped",
+            len(too_long),
+            len(prompts),
+            limit,
+            context_length,
+            dropped,
+        )
+    return encoded
 
 
 def first_eos(tokens: Sequence[int], eos_ids: frozenset[int]) -> int:
@@ -247,27 +274,7 @@ class HuggingFaceLM:
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], int]]:
         """Token ids of each prompt, left-truncated to fit, with the number of tokens dropped."""
-        ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        limit = self.prompt_limit(max_new_tokens)
-        if limit is None:
-            return [(list(row), 0) for row in ids]
-        too_long = [i for i, row in enumerate(ids) if len(row) > limit]
-        content = {}
-        if too_long:
-            plain = self.tokenizer([prompts[i] for i in too_long], add_special_tokens=False)["input_ids"]
-            content = dict(zip(too_long, plain))
-        encoded = [left_truncate(list(row), list(content.get(i, row)), limit) for i, row in enumerate(ids)]
-        dropped = sum(n for _, n in encoded)
-        if dropped:
-            log.warning(
-                "llm: %d of %d prompt(s) left-truncated to %d tokens (context %d); %d tokens dropped",
-                len(too_long),
-                len(prompts),
-                limit,
-                self.context_length,
-                dropped,
-            )
-        return encoded
+        return encode_prompts(self.tokenizer, prompts, self.prompt_limit(max_new_tokens), self.context_length)
 
     def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
         """Greedy completions aligned to ``prompts`` (see the module docstring)."""
@@ -327,16 +334,13 @@ class HuggingFaceLM:
             steps = len(out.logits)
             generated = out.sequences[:, out.sequences.shape[1] - steps :]
             token_logprobs = chosen_token_logprobs(out.logits, generated)
+        def decode(ids: Sequence[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
         results = []
         for r, tokens in enumerate(generated.tolist()):
             tokens = tokens[: first_eos(tokens, self.eos_ids)]
-            full = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            text, _ = cut_at_stop(full, settings.stop)
-            prefixes = [
-                self.tokenizer.decode(tokens[:k], skip_special_tokens=True) for k in range(1, len(tokens) + 1)
-            ]
-            kept = covering_prefix_length(prefixes, text)
-            results.append((tokens[:kept], float(token_logprobs[r, :kept].sum()), text))
+            results.append(kept_completion(decode, tokens, token_logprobs[r].tolist(), settings.stop))
         return results
 
     def close(self) -> None:

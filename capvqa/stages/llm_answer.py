@@ -34,7 +34,7 @@ from capvqa.stages.answer_postprocess import check_rule, postprocess_answer, pos
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "causal", "seq2seq", "openai")
+BACKENDS = ("auto", "causal", "seq2seq", "openai", "vllm")
 LEMMATIZER_CHOICES = ("auto", "spacy", "rule", "none")
 
 
@@ -68,6 +68,8 @@ class LLMAnswerConfig:
     timeout_s: float = non_semantic(60.0)
     retry_backoff_s: float = non_semantic(1.0)
     device_map: str | None = non_semantic(None)
+    tensor_parallel_size: int = non_semantic(1)  # vllm backend: GPUs one model is split across
+    gpu_memory_utilization: float = non_semantic(0.9)  # vllm backend: share of each GPU it may take
     trust_remote_code: bool = non_semantic(False)
     prompts_per_generate: int = non_semantic(16)
     batch_size: int = non_semantic(8)
@@ -105,6 +107,8 @@ class LLMAnswerConfig:
             raise ConfigError(
                 "llm_answer: need concurrency >= 1, max_retries >= 0, timeout_s > 0, retry_backoff_s >= 0"
             )
+        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("llm_answer: need tensor_parallel_size >= 1 and 0 < gpu_memory_utilization <= 1")
         if self.batch_size < 1 or self.prompts_per_generate < 1:
             raise ConfigError("llm_answer: batch_size and prompts_per_generate must be >= 1")
 
@@ -246,8 +250,19 @@ class LLMAnswerer:
                 timeout_s=cfg.timeout_s,
                 backoff_base_s=cfg.retry_backoff_s,
             )
-        from capvqa.llm.huggingface import HuggingFaceLM
         from capvqa.models.loading import ModelRef
+
+        if cfg.backend == "vllm":
+            from capvqa.llm.vllm_backend import VLLMBackend
+
+            return VLLMBackend.load(
+                ModelRef(cfg.model, cfg.revision),
+                runtime,
+                context_length=cfg.context_length,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+            )
+        from capvqa.llm.huggingface import HuggingFaceLM
 
         backend = HuggingFaceLM.load(
             ModelRef(cfg.model, cfg.revision),
