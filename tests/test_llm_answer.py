@@ -350,12 +350,16 @@ def test_config_validation_and_cache_key_fields():
         "prompts_per_generate",
         "retry_backoff_s",
         "trust_remote_code",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
     ):
         assert field not in semantic
     for field in ("model", "max_new_tokens", "stop", "postprocess", "task", "context_length", "base_url"):
         assert field in semantic
     with pytest.raises(ConfigError, match="backend"):
-        LLMAnswerConfig(backend="vllm")
+        LLMAnswerConfig(backend="tgi")
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        LLMAnswerConfig(backend="vllm", tensor_parallel_size=0)
     assert not LLMAnswerConfig(postprocess="pica", task="okvqa").okvqa  # OK-VQA rules are Img2LLM's
     assert LLMAnswerConfig(postprocess="img2llm", task="okvqa").okvqa
     with pytest.raises(ConfigError, match="task"):
