@@ -378,7 +378,7 @@ def _call(function: Any, *args: Any, source: str, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
     except DataError:
         raise
-    except Exception as error:
+    except Exception as error:  # datasets raises many unrelated types for one cause
         raise DataError(
             f"Could not load the Hugging Face dataset {source!r}: {type(error).__name__}: {error}. "
             "Hub datasets need network access (or the datasets cache); for offline use pass a local "

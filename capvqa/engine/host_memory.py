@@ -4,8 +4,8 @@ glibc malloc serves every allocation above its mmap threshold (128 KiB, raised d
 32 MiB) with a fresh ``mmap`` and returns it to the kernel on ``free``. CPU inference allocates tens of
 megabytes per decoding step -- the vocabulary logits of 400 caption rows are 49 MB, the KV caches grow
 by a copy every step, the FiD cross-attention cache is hundreds of megabytes -- so each step pays the
-kernel to map and zero fresh pages. On the project's 2-core machine that was a sixth of PNP-VQA's time
-(``capvqa bench``, base, fp32: 11.8 -> 9.8 s/question; system time 14.5 -> 4.1 s).
+kernel to map and zero fresh pages. On the project's 2-core machine that was a sixth of PNP-VQA's fp32
+time in ``capvqa bench`` (11.8 -> 9.8 s/question when measured; kernel time 14.5 -> 4.1 s).
 
 Raising the mmap and trim thresholds makes malloc serve those blocks from its heap and keep freed ones
 for reuse, which is what jemalloc or tcmalloc (recommended by PyTorch's CPU performance guide, but not
