@@ -17,7 +17,6 @@ Install with ``pip install 'capvqa[vllm]'`` (Linux, CUDA). Causal LMs only.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,8 +25,6 @@ from capvqa.errors import ConfigError, ModelLoadError
 from capvqa.llm import Completion, GenerationSettings, kept_completion
 from capvqa.llm.huggingface import encode_prompts, first_eos
 from capvqa.models.loading import ModelRef
-
-log = logging.getLogger(__name__)
 
 
 def import_vllm() -> Any:
