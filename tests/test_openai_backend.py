@@ -13,15 +13,13 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from test_llm_answer import entry
 
-from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.codec import record_to_json
-from capvqa.engine.stage import StageInput
 from capvqa.errors import UserError
 from capvqa.llm import GenerationSettings
 from capvqa.llm.openai_api import OpenAICompletionsClient, completion_from_response, parse_retry_after
@@ -36,18 +34,6 @@ PROMPTS = [
     "the cat sat on the mat. The dog",
     "hello world",
 ]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    prompts: list[str]
-
-
-def entry(prompts: list[str], qid: int = 1) -> StageInput:
-    item = VQAItem(question_id=qid, image_id=1, question="what?", image=ImageRef(data=b"x"))
-    return StageInput(
-        item=item, item_key=f"k{qid}", image_hash="h", upstream={"prompt": Prompt(list(prompts))}
-    )
 
 
 class CompletionsApp:
