@@ -63,6 +63,19 @@ def _text(x: float, y: float, text: str, anchor: str = "start", **extra: object)
     return tag("text", attrs, text)
 
 
+def _value_grid(
+    ticks: Sequence[float], scale_max: float, left: float, plot_w: float, top: float, plot_h: float, unit: str
+) -> list[Markup]:
+    """Vertical grid lines at ``ticks`` with their labels under the plot (horizontal bar charts)."""
+    marks: list[Markup] = []
+    for t in ticks:
+        x = left + plot_w * t / scale_max
+        marks.append(tag("line", {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": top, "y2": f"{top + plot_h:.1f}",
+                                  "stroke": "#ddd"}))
+        marks.append(_text(x, top + plot_h + 16, format_tick(t) + unit, "middle", fill="#555"))
+    return marks
+
+
 def _legend(labels: Sequence[str], x: float, y: float, width: float) -> tuple[list[Markup], float]:
     """Legend swatches flowing over lines of ``width``; returns the elements and the height used."""
     parts: list[Markup] = []
@@ -106,11 +119,7 @@ def grouped_hbar_chart(
     plot_h = row_h * len(categories)
     height = top + plot_h + 30
     body: list[Markup] = list(legend)
-    for t in ticks:
-        x = left + plot_w * t / scale_max
-        body.append(tag("line", {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": top, "y2": f"{top + plot_h:.1f}",
-                                 "stroke": "#ddd"}))
-        body.append(_text(x, top + plot_h + 16, format_tick(t) + unit, "middle", fill="#555"))
+    body += _value_grid(ticks, scale_max, left, plot_w, top, plot_h, unit)
     for row, category in enumerate(categories):
         y0 = top + row * row_h + 4
         label = labels[row]
@@ -159,11 +168,7 @@ def stacked_hbar_chart(
     plot_h = (bar_h + 10) * len(rows)
     height = top + plot_h + 30
     body: list[Markup] = list(legend)
-    for t in ticks:
-        x = left + plot_w * t / scale_max
-        body.append(tag("line", {"x1": f"{x:.1f}", "x2": f"{x:.1f}", "y1": top, "y2": f"{top + plot_h:.1f}",
-                                 "stroke": "#ddd"}))
-        body.append(_text(x, top + plot_h + 16, format_tick(t) + unit, "middle", fill="#555"))
+    body += _value_grid(ticks, scale_max, left, plot_w, top, plot_h, unit)
     for r, label in enumerate(rows):
         y = top + r * (bar_h + 10) + 5
         body.append(tag("text", {"x": f"{left - 8:.1f}", "y": f"{y + bar_h / 2:.1f}", "text-anchor": "end",
