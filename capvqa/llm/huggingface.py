@@ -108,6 +108,16 @@ def left_truncate(ids: list[int], content_ids: list[int], limit: int) -> tuple[l
     return [*prefix, *content_ids[n - keep :], *suffix], n - keep
 
 
+def prompt_token_limit(context_length: int, answer_tokens: int) -> int:
+    """Most prompt tokens that leave ``answer_tokens`` of room in ``context_length``."""
+    limit = context_length - answer_tokens
+    if limit <= 0:
+        raise ConfigError(
+            f"context_length {context_length} leaves no room for a prompt with max_new_tokens {answer_tokens}"
+        )
+    return limit
+
+
 def encode_prompts(
     tokenizer: Any, prompts: Sequence[str], limit: int | None, context_length: int | None
 ) -> list[tuple[list[int], int]]:
@@ -264,13 +274,7 @@ class HuggingFaceLM:
         """Most prompt tokens allowed: a causal LM's answer shares the context with its prompt."""
         if self.context_length is None:
             return None
-        limit = self.context_length - (max_new_tokens if self.kind == "causal" else 0)
-        if limit <= 0:
-            raise ConfigError(
-                f"context_length {self.context_length} leaves no room for a prompt with max_new_tokens "
-                f"{max_new_tokens}"
-            )
-        return limit
+        return prompt_token_limit(self.context_length, max_new_tokens if self.kind == "causal" else 0)
 
     def encode(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], int]]:
         """Token ids of each prompt, left-truncated to fit, with the number of tokens dropped."""

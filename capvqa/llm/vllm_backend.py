@@ -23,7 +23,7 @@ from typing import Any
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import ConfigError, ModelLoadError
 from capvqa.llm import Completion, GenerationSettings, kept_completion
-from capvqa.llm.huggingface import encode_prompts, first_eos
+from capvqa.llm.huggingface import encode_prompts, first_eos, prompt_token_limit
 from capvqa.models.loading import ModelRef
 
 
@@ -81,22 +81,14 @@ class VLLMBackend:
         resolved = context_length or int(llm.llm_engine.model_config.max_model_len)
         return cls(llm, context_length=resolved, name=f"vllm:{ref.id}")
 
-    def prompt_limit(self, max_new_tokens: int) -> int:
-        limit = self.context_length - max_new_tokens
-        if limit <= 0:
-            raise ConfigError(
-                f"context_length {self.context_length} leaves no room for a prompt with max_new_tokens "
-                f"{max_new_tokens}"
-            )
-        return limit
-
     def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
         """Greedy completions aligned to ``prompts``, all submitted to vLLM together."""
         if not prompts:
             return []
         vllm = import_vllm()
         encoded = encode_prompts(
-            self.tokenizer, prompts, self.prompt_limit(settings.max_new_tokens), self.context_length
+            self.tokenizer, prompts, prompt_token_limit(self.context_length, settings.max_new_tokens),
+            self.context_length,
         )
         params = vllm.SamplingParams(
             temperature=0.0,
