@@ -37,3 +37,19 @@ def cpu_runtime():
     from capvqa.engine.runtime import make_runtime
 
     return make_runtime("cpu")
+
+
+@pytest.fixture
+def torch_load_calls(monkeypatch):
+    """The keyword arguments of every ``torch.load`` call made during the test (to check weights_only)."""
+    import torch
+
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    return calls

@@ -112,16 +112,9 @@ def itm_inputs(tiny_zoo, model):
 
 
 @pytest.mark.parametrize("kind", ["itm", "captioner"])
-def test_original_checkpoint_converts_to_identical_model(kind, tiny_zoo, originals, tmp_path, monkeypatch):
+def test_original_checkpoint_converts_to_identical_model(kind, tiny_zoo, originals, tmp_path, torch_load_calls):
     reference, _, path = originals[kind]
-    loads = []
-    real_load = torch.load
-
-    def recording_load(*args, **kwargs):
-        loads.append(kwargs)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", recording_load)
+    loads = torch_load_calls
     heads = tiny_heads(tiny_zoo, kind)
     folder = bc.convert_blip_checkpoint(path, kind, tiny_zoo[kind], tmp_path / "converted",
                                         text_attention_heads=heads)

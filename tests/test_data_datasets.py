@@ -214,16 +214,9 @@ def test_dataset_folder_prefers_coco_names(tmp_path):
 def test_hf_spec_with_local_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     path = tmp_path / "okvqa_hf"
-    features = datasets.Features(
-        {
-            "question_id": datasets.Value("string"),
-            "image": datasets.Image(),
-            "question": datasets.Value("string"),
-            "answers": datasets.List(datasets.Value("string")),
-            "question_type": datasets.Value("string"),
-            "answer_type": datasets.Value("string"),
-        }
-    )
+    from test_data_huggingface import OKVQA_FEATURES
+
+    features = datasets.Features(OKVQA_FEATURES)
     rows = {
         "question_id": ["100"],
         "image": [Image.new("RGB", (3, 3))],

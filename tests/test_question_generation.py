@@ -100,16 +100,9 @@ def fake_qg_checkpoint(zoo_folder, path, *, prefix="", extra=None):
     return {name.removeprefix(prefix): tensor for name, tensor in state.items()}
 
 
-def test_checkpoint_converts_and_loads_back_untied(tiny_zoo, cpu_runtime, tmp_path, monkeypatch):
+def test_checkpoint_converts_and_loads_back_untied(tiny_zoo, cpu_runtime, tmp_path, torch_load_calls):
     state = fake_qg_checkpoint(tiny_zoo["qg"], tmp_path / "T5_large_QG.pth")
-    loads = []
-    real_load = torch.load
-
-    def recording_load(*args, **kwargs):
-        loads.append(kwargs)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", recording_load)
+    loads = torch_load_calls
     checkpoint = str(tmp_path / "T5_large_QG.pth")
     stage = QuestionGeneration(model=str(tiny_zoo["qg"]), checkpoint=checkpoint, max_length=6)
     stage.setup(cpu_runtime)
