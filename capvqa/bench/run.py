@@ -60,12 +60,20 @@ def run_benchmark(
     caption_tokens: int = 16,
     answer_tokens: int = 19,
     threads: int | None = None,
+    roofline: bool = False,
+    peak_tflops: float | None = None,
+    peak_bandwidth_gbs: float | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Measure every stage; returns the JSON-ready result (see ``capvqa bench --help``)."""
+    """Measure every stage; returns the JSON-ready result (see ``capvqa bench --help``).
+
+    ``roofline``: afterwards, run the same questions again, untimed, counting each stage's FLOPs and
+    operand bytes (``capvqa.bench.work``), and relate them to the device's peaks (``capvqa.bench.peaks``).
+    """
     import torch
 
     from capvqa.bench.memory import PeakMemory
+    from capvqa.bench.peaks import device_peaks
     from capvqa.data.datasets import open_dataset
     from capvqa.engine.host_memory import host_allocator
     from capvqa.engine.pipeline import Pipeline
@@ -117,6 +125,7 @@ def run_benchmark(
                 "peak_memory_bytes": int(peak.bytes),
             }
         wall = time.perf_counter() - started
+        work = count_work(runner, data, scratch_dir / "counting-cache", progress) if roofline else None
         records = [outputs for _, outputs in runner.results(data)]
         draws = sum(outputs["captioning"].draws for outputs in records)
         reader_tokenizer = next(b.stage for b in runner.stages if b.name == "reader").tokenizer
@@ -132,6 +141,17 @@ def run_benchmark(
     # reader cost grows with passage length; recorded so runs with other tokenizers can be compared
     stages["reader"]["mean_passage_tokens"] = round(passage_tokens, 2)
     total = sum(stage["seconds_per_question"] for stage in stages.values())
+    roofline_figures = {}
+    if work is not None:
+        peaks = device_peaks(runtime.device, runtime.dtype, peak_tflops, peak_bandwidth_gbs)
+        for name, counter in work.items():
+            stages[name].update(work_per_question(counter.flops, counter.bytes, stages[name]["compute_seconds"],
+                                                  questions, peaks))
+        roofline_figures = {
+            "device_peaks": peaks.to_json(),
+            "work": work_per_question(sum(c.flops for c in work.values()), sum(c.bytes for c in work.values()),
+                                      sum(stage["compute_seconds"] for stage in stages.values()), questions, peaks),
+        }
     return {
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})"
                                          if runtime.device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
@@ -147,4 +167,36 @@ def run_benchmark(
         "questions_per_second": round(1 / total, 4) if total else None,
         "wall_seconds": round(wall, 2),
         "peak_memory_bytes": max(stage["peak_memory_bytes"] for stage in stages.values()),
+        **roofline_figures,
+    }
+
+
+def count_work(runner: Any, data: Any, cache_folder: Path, progress: Any = None) -> dict[str, Any]:
+    """Each stage's ``WorkCounter`` over the same questions, from a fresh cache so that every item is
+    computed again (the seeded sampler draws the same captions, so the work is the timed run's)."""
+    from capvqa.bench.work import WorkCounter
+    from capvqa.engine.runner import PipelineRunner
+    from capvqa.engine.store import CacheStore
+
+    counters = {bound.name: WorkCounter() for bound in runner.stages}
+    labelled = (lambda name, total: progress(f"{name} (counting work)", total)) if progress else None
+    store = CacheStore(cache_folder)
+    try:
+        counting = PipelineRunner(runner.stages, store, runner.runtime, labelled, compute_context=counters.__getitem__)
+        for bound in counting.stages:
+            counting.run_stage(bound, data, len(data))
+    finally:
+        store.close()
+    return counters
+
+
+def work_per_question(flops: int, operand_bytes: int, compute_seconds: float, questions: int,
+                      peaks: Any) -> dict[str, Any]:
+    """The JSON figures of counted work: per question, and as a share of the device's peaks."""
+    from capvqa.bench.peaks import utilisation
+
+    return {
+        "flops_per_question": round(flops / questions),
+        "operand_bytes_per_question": round(operand_bytes / questions),
+        **utilisation(flops, operand_bytes, compute_seconds, peaks),
     }

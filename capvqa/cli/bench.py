@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,6 +25,9 @@ def bench(
     caption_tokens: Annotated[int, typer.Option(help="Forced new tokens per caption (min = max).")] = 16,
     answer_tokens: Annotated[int, typer.Option(help="Forced answer tokens (min = max).")] = 19,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    roofline: Annotated[bool, typer.Option("--roofline", help="Then run the questions again, untimed, counting each stage's FLOPs and operand bytes, and report them against the device's peaks.")] = False,
+    peak_tflops: Annotated[float | None, typer.Option(help="With --roofline: the device's peak TFLOP/s in this dtype (default: measured with a large matrix product).")] = None,
+    peak_bandwidth_gbs: Annotated[float | None, typer.Option(help="With --roofline: the device's peak memory bandwidth in GB/s (default: measured with a large copy).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result JSON here.")] = None,
 ) -> None:
     """Measure each stage of PNP-VQA on synthetic images with forced generation lengths. Random weights
@@ -37,6 +40,8 @@ def bench(
 
     if random_weights == (models is not None):
         raise ConfigError("give exactly one of --random-weights (real sizes) or --models tiny")
+    if (peak_tflops or peak_bandwidth_gbs) and not roofline:
+        raise ConfigError("--peak-tflops and --peak-bandwidth-gbs are used by --roofline; add --roofline")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -44,7 +49,8 @@ def bench(
         result = run_benchmark(
             pipeline, size=size, models="random" if random_weights else models, questions=questions,
             batch_size=batch_size, device=device, dtype=dtype, num_captions=num_captions, num_patches=num_patches,
-            caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, progress=progress,
+            caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, roofline=roofline,
+            peak_tflops=peak_tflops, peak_bandwidth_gbs=peak_bandwidth_gbs, progress=progress,
         )
     table = Table(title=f"{result['settings']['pipeline']} on {result['device']}, {result['settings']['dtype']}, "
                         f"{questions} questions, batch {batch_size}")
@@ -57,8 +63,28 @@ def bench(
     table.add_row("[bold]total[/]", f"[bold]{result['total_seconds_per_question']:.2f}[/]", "",
                   f"{result['peak_memory_bytes'] / 2**30:.2f} GiB", "")
     console.print(table)
+    if "device_peaks" in result:
+        console.print(roofline_table(result))
     err_console.print(f"[yellow]{result['note']}[/]")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"written to {json_out}")
+
+
+def roofline_table(result: dict) -> Any:
+    """Counted work per stage against the device's peaks (``--roofline``)."""
+    from rich.table import Table
+
+    peaks = result["device_peaks"]
+    table = Table(title=f"work against the device's peaks ({peaks['source']}: "
+                        f"{peaks['flops_per_second'] / 1e12:.2f} TFLOP/s, {peaks['bytes_per_second'] / 1e9:.0f} GB/s)",
+                  caption="operand bytes: every operand read and written once, an upper bound of memory traffic")
+    for column in ("stage", "GFLOP/q", "TFLOP/s", "% peak", "operand GB/s", "% peak", "bound"):
+        table.add_column(column, justify="left" if column in ("stage", "bound") else "right")
+    rows = [(name, stage) for name, stage in result["stages"].items()] + [("[bold]total[/]", result["work"])]
+    for name, work in rows:
+        table.add_row(name, f"{work['flops_per_question'] / 1e9:.4g}", f"{work['achieved_flops_per_second'] / 1e12:.3f}",
+                      f"{work['percent_of_peak_flops']:.1f}", f"{work['achieved_operand_bytes_per_second'] / 1e9:.1f}",
+                      f"{work['percent_of_peak_bandwidth']:.1f}", work["bound"])
+    return table

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +244,10 @@ class PipelineRunner:
         runtime: Runtime,
         progress: ProgressFactory | None = None,
         on_bad_image: str = "error",
+        compute_context: Callable[[str], AbstractContextManager] | None = None,
     ) -> None:
+        """``compute_context(stage_name)``, where given, is entered around every batch's ``stage.run``
+        and nothing else (not model loading, not cache I/O): the bench counts a stage's work with it."""
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         self.stages = list(stages)
@@ -252,6 +256,7 @@ class PipelineRunner:
         self.progress = progress or (lambda _name, _total: _NullProgress())
         self.hasher = ImageHasher(store)
         self.on_bad_image = on_bad_image
+        self.compute_context = compute_context or (lambda _name: nullcontext())
         self.skipped: dict[str, SkippedItem] = {}  # by str(question_id)
         self.commit_log = os.environ.get(COMMIT_LOG_ENV)
         self._by_name = {s.name: s for s in self.stages}
@@ -335,7 +340,8 @@ class PipelineRunner:
         out_of_memory = False
         try:
             compute_started = time.perf_counter()
-            outputs = stage.run(batch)
+            with self.compute_context(bound.name):
+                outputs = stage.run(batch)
             stats.compute_seconds += time.perf_counter() - compute_started
         except DataError:
             bad = _items_with_bad_images(batch)
