@@ -199,8 +199,7 @@ class PatchCaptioning:
                 do_sample=False,
                 num_beams=1,
                 max_new_tokens=max(cfg.max_length - prompt_length, 0),
-                min_length=0,  # the sampler bans EOS until min_length (see SeededSamplingProcessor)
-                min_new_tokens=0,
+                min_new_tokens=0,  # the sampler bans EOS until min_length (see SeededSamplingProcessor)
                 repetition_penalty=cfg.repetition_penalty,
                 eos_token_id=self.eos_id,
                 pad_token_id=self.pad_id,
