@@ -259,3 +259,44 @@ def test_runs_through_the_engine_with_its_cache(selection_settings, cpu_runtime,
     assert runner.run_stage(bound, items).cached == 3
     results = [outputs["examples"] for _, outputs in runner.results(items)]
     assert all(len(r.examples) == 8 for r in results)
+
+
+def test_an_edited_pool_is_never_served_from_the_cache(selection_settings, cpu_runtime, tmp_path):
+    """The pool's content is in the stage's cache key: the same files give the same key (cached), an
+    annotation or captions file edited in place gives a new one (computed again, with the new answer)."""
+    import shutil
+
+    from capvqa.engine.runner import BoundStage, PipelineRunner
+    from capvqa.engine.store import CacheStore
+    from capvqa.resources import sample_dir
+
+    pool = shutil.copytree(sample_dir(), tmp_path / "pool")
+    captions = tmp_path / "captions.json"
+    shutil.copy(selection_settings["pool_captions"], captions)
+    settings = dict(selection_settings, mode="random", pool_dataset=str(pool), pool_captions=str(captions),
+                    pool_limit=4, n_shot=4, n_ensemble=1)
+    store = CacheStore(tmp_path / "cache")
+    items = list(open_dataset("sample"))[10:12]  # queries outside the 4-question pool: all 4 are picked
+
+    def run():
+        bound = BoundStage.create("examples", ExampleSelection(**settings), {})
+        runner = PipelineRunner([bound], store, _runtime(cpu_runtime, tmp_path / "cache"))
+        stats = runner.run_stage(bound, items)
+        return bound.fingerprint, stats, [outputs["examples"] for _, outputs in runner.results(items)]
+
+    first_key, first, _ = run()
+    again_key, again, _ = run()
+    assert first.computed == 2 and (again_key, again.cached) == (first_key, 2)
+
+    annotations = json.loads((pool / "annotations.json").read_text())
+    edited = annotations["annotations"][0]
+    edited["answers"][0]["answer"] = "tangerine"
+    (pool / "annotations.json").write_text(json.dumps(annotations))
+    edited_key, rerun, results = run()
+    assert edited_key != first_key and rerun.computed == 2
+    answers = {str(example["question_id"]): example["answer"] for r in results for example in r.examples}
+    assert answers[str(edited["question_id"])] == "tangerine"
+
+    captions.write_text(captions.read_text().replace("first caption of 1", "a new first caption of 1"))
+    captions_key, recaptioned, _ = run()
+    assert captions_key != edited_key and recaptioned.computed == 2

@@ -238,6 +238,26 @@ def _concat(chunks: list[torch.Tensor], dim: int, device: torch.device) -> torch
 # ----------------------------------------------------------------------------------- pool assembly
 
 
+def pool_content_fingerprint(items: Iterable[VQAItem], captions_file: str | Path | None = None) -> str:
+    """What a selection depends on in the pool itself, as one hash: every pool question's id, image id,
+    text and first answer, in order, and the bytes of the COCO captions file when one is used.
+
+    It enters the selection stage's cache key, so editing the pool's files in place (a corrected
+    annotation, another captions file under the same name) recomputes the selections instead of serving
+    stale ones. Image files are named by their image id here: re-encoding an image in place is not seen.
+    """
+    digest = hashlib.sha256()
+    for item in items:
+        record = [str(item.question_id), str(item.image_id), item.question, first_answer(item)]
+        digest.update(canonical_json(record) + b"\n")
+    if captions_file is not None:
+        digest.update(b"captions:")
+        with open(Path(captions_file).expanduser(), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def read_pool_entries(
     items: Iterable[VQAItem], image_hash: Callable[[VQAItem], str]
 ) -> tuple[list[PoolEntry], int]:
