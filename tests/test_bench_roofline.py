@@ -10,6 +10,7 @@ import torch
 
 from capvqa.bench.peaks import DevicePeaks, device_peaks, measure_peaks, utilisation
 from capvqa.bench.work import WorkCounter, operand_bytes
+from capvqa.errors import ConfigError
 
 FLOAT = 4
 
@@ -39,7 +40,7 @@ def test_fused_attention_on_cpu_is_counted():
     assert work.flops == 2 * (2 * 4 * 10 * 12 * 16) * 2  # scores and weighted sum, 2 FLOPs per multiply-add
 
 
-def test_views_move_nothing_and_in_place_results_count_once():
+def test_views_move_nothing_and_in_place_targets_are_read_and_written():
     a = torch.randn(100, 50)
     with WorkCounter() as work:
         a.t()
@@ -49,7 +50,45 @@ def test_views_move_nothing_and_in_place_results_count_once():
     assert work.bytes == 0
     with WorkCounter() as work:
         a.add_(1.0)
-    assert work.bytes == 100 * 50 * FLOAT  # read and written in place: one operand
+    assert work.bytes == 2 * 100 * 50 * FLOAT
+    out = torch.empty(100, 50)
+    with WorkCounter() as work:
+        torch.add(a, a, out=out)  # the same input twice is read once; `out` is only written
+        out.fill_(0.0)
+    assert work.bytes == 2 * 100 * 50 * FLOAT + 100 * 50 * FLOAT
+
+
+def test_a_batched_matmul_reshape_is_not_a_copy():
+    x, weight = torch.randn(4, 10, 64), torch.randn(64, 32)
+    with WorkCounter() as work:
+        torch.matmul(x, weight)  # folds x to 2-D and unfolds the product with _unsafe_view
+    assert work.bytes == (40 * 64 + 64 * 32 + 40 * 32) * FLOAT
+
+
+def test_a_lookup_reads_the_rows_it_gathers_not_the_table():
+    table, ids = torch.nn.Embedding(30_000, 768), torch.randint(0, 30_000, (32,))
+    with torch.inference_mode(), WorkCounter() as work:
+        table(ids)
+    assert work.bytes == 2 * 32 * 768 * FLOAT + 32 * 8  # rows read, rows written, the int64 ids
+
+
+def test_attention_backward_on_cpu_is_counted():
+    q = torch.randn(2, 4, 10, 16, requires_grad=True)
+    with WorkCounter() as work:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    forward = 4 * 2 * 4 * 10 * 10 * 16
+    assert work.flops == forward + 2.5 * forward  # torch's formula: backward is 2.5 forwards
+
+
+def test_a_region_that_raised_is_not_counted():
+    work = WorkCounter()
+    with work:
+        torch.mm(torch.randn(8, 8), torch.randn(8, 8))
+    counted = (work.flops, work.bytes)
+    with pytest.raises(RuntimeError), work:  # as a batch that ran out of memory and is retried as halves
+        torch.mm(torch.randn(8, 8), torch.randn(8, 8))
+        raise RuntimeError("out of memory")
+    assert (work.flops, work.bytes) == counted
 
 
 def test_an_expanded_operand_is_read_at_its_storage_size():
@@ -82,6 +121,8 @@ def test_given_peaks_replace_measured_ones():
     mixed = device_peaks("cpu", torch.float32, bandwidth_gbs=3000, measure=measure)
     assert mixed == DevicePeaks(1e12, 3000e9, "measured flops, given bandwidth") and len(calls) == 1
     assert device_peaks("cpu", torch.float32, measure=measure) is measured
+    with pytest.raises(ConfigError, match="--peak-tflops must be a positive number"):
+        device_peaks("cpu", torch.float32, tflops=0, bandwidth_gbs=3000, measure=measure)
 
 
 def test_measured_cpu_peaks_are_plausible():
@@ -98,6 +139,7 @@ def test_bench_roofline_counts_every_stage_without_touching_the_timings(tiny_zoo
                     device="cpu")
     result = run_benchmark(**settings, roofline=True, peak_tflops=1.0, peak_bandwidth_gbs=10.0)
     assert result["device_peaks"] == {"flops_per_second": 1e12, "bytes_per_second": 1e10, "source": "given"}
+    assert result["counted_same_captions"] is True
     for name, stage in result["stages"].items():
         assert stage["flops_per_question"] > 0 and stage["operand_bytes_per_question"] > 0, name
         expected = 100 * stage["flops_per_question"] * 3 / stage["compute_seconds"] / 1e12
@@ -114,7 +156,12 @@ def test_bench_roofline_counts_every_stage_without_touching_the_timings(tiny_zoo
     assert "device_peaks" not in plain and "flops_per_question" not in plain["stages"]["reader"]
 
 
-def test_peak_flags_need_roofline():
-    done = subprocess.run([sys.executable, "-m", "capvqa", "bench", "pnp-vqa", "--models", "tiny", "--peak-tflops", "5"],
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--peak-tflops", "5"], "add --roofline"),
+    (["--roofline", "--peak-bandwidth-gbs", "0"], "--peak-bandwidth-gbs must be a positive number"),
+])
+def test_peak_flags_are_checked_before_the_run(flags, message):
+    done = subprocess.run([sys.executable, "-m", "capvqa", "bench", "pnp-vqa", "--models", "tiny", *flags],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 2 and "--roofline" in done.stderr
+    assert done.returncode == 2 and message in " ".join(done.stderr.split())  # rich wraps long lines
+    assert "matching" not in done.stdout  # refused before any stage ran

@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from capvqa.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DevicePeaks:
@@ -23,17 +25,23 @@ class DevicePeaks:
         return asdict(self)
 
 
-def _seconds_per_call(fn: Any, device: Any, repeats: int) -> float:
+def _synchronize(device: Any) -> None:
+    """Wait for queued kernels: GPU calls return before the work is done."""
     import torch
 
-    fn()  # warm-up: kernel selection, allocation
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _seconds_per_call(fn: Any, device: Any, repeats: int) -> float:
+    fn()  # warm-up: kernel selection, allocation
+    _synchronize(device)
     started = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return (time.perf_counter() - started) / repeats
 
 
@@ -64,18 +72,26 @@ def measure_peaks(device: Any, dtype: Any) -> DevicePeaks:
     return DevicePeaks(matmul_flops_per_second(device, dtype), copy_bytes_per_second(device, dtype), "measured")
 
 
+def check_given_peaks(tflops: float | None, bandwidth_gbs: float | None) -> None:
+    """Refuse a zero or negative peak before a long run, not after it."""
+    for flag, value in (("--peak-tflops", tflops), ("--peak-bandwidth-gbs", bandwidth_gbs)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} must be a positive number, got {value}; leave it out to measure the peak")
+
+
 def device_peaks(device: Any, dtype: Any, tflops: float | None = None, bandwidth_gbs: float | None = None,
                  measure: Any = measure_peaks) -> DevicePeaks:
     """Datasheet figures where the user gave them, the ones ``measure(device, dtype)`` finds for the rest."""
-    if tflops and bandwidth_gbs:
+    check_given_peaks(tflops, bandwidth_gbs)
+    if tflops is not None and bandwidth_gbs is not None:
         return DevicePeaks(tflops * 1e12, bandwidth_gbs * 1e9, "given")
     measured = measure(device, dtype)
-    if not tflops and not bandwidth_gbs:
+    if tflops is None and bandwidth_gbs is None:
         return measured
     return DevicePeaks(
-        flops_per_second=tflops * 1e12 if tflops else measured.flops_per_second,
-        bytes_per_second=bandwidth_gbs * 1e9 if bandwidth_gbs else measured.bytes_per_second,
-        source="given flops, measured bandwidth" if tflops else "measured flops, given bandwidth",
+        flops_per_second=tflops * 1e12 if tflops is not None else measured.flops_per_second,
+        bytes_per_second=bandwidth_gbs * 1e9 if bandwidth_gbs is not None else measured.bytes_per_second,
+        source="given flops, measured bandwidth" if tflops is not None else "measured flops, given bandwidth",
     )
 
 

@@ -12,11 +12,14 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from capvqa.errors import ConfigError
+
+if TYPE_CHECKING:
+    from capvqa.bench.work import WorkCounter
 
 PROMPT_TOKENS = 4  # [DEC] a picture of
 QUESTIONS = [
@@ -73,7 +76,7 @@ def run_benchmark(
     import torch
 
     from capvqa.bench.memory import PeakMemory
-    from capvqa.bench.peaks import device_peaks
+    from capvqa.bench.peaks import check_given_peaks, device_peaks
     from capvqa.data.datasets import open_dataset
     from capvqa.engine.host_memory import host_allocator
     from capvqa.engine.pipeline import Pipeline
@@ -81,6 +84,7 @@ def run_benchmark(
     from capvqa.engine.runtime import make_runtime
     from capvqa.engine.store import CacheStore
 
+    check_given_peaks(peak_tflops, peak_bandwidth_gbs)
     if not pipeline.startswith("pnp-vqa"):
         raise ConfigError("capvqa bench measures the PNP-VQA pipelines (pnp-vqa, pnp-vqa-base/-large/-3b)")
     if threads:
@@ -125,8 +129,9 @@ def run_benchmark(
                 "peak_memory_bytes": int(peak.bytes),
             }
         wall = time.perf_counter() - started
-        work = count_work(runner, data, scratch_dir / "counting-cache", progress) if roofline else None
         records = [outputs for _, outputs in runner.results(data)]
+        work, counted_records = (count_work(runner, data, scratch_dir / "counting-cache", progress) if roofline
+                                 else (None, None))
         draws = sum(outputs["captioning"].draws for outputs in records)
         reader_tokenizer = next(b.stage for b in runner.stages if b.name == "reader").tokenizer
         passages = [p for outputs in records for p in outputs["reader"].passages]
@@ -148,6 +153,10 @@ def run_benchmark(
             stages[name].update(work_per_question(counter.flops, counter.bytes, stages[name]["compute_seconds"],
                                                   questions, peaks))
         roofline_figures = {
+            # the counted work is the timed work only if the counting pass drew the same captions (it does
+            # on CPU; nondeterministic GPU kernels could flip a sampled token)
+            "counted_same_captions": [r["captioning"].captions for r in counted_records]
+                                     == [r["captioning"].captions for r in records],
             "device_peaks": peaks.to_json(),
             "work": work_per_question(sum(c.flops for c in work.values()), sum(c.bytes for c in work.values()),
                                       sum(stage["compute_seconds"] for stage in stages.values()), questions, peaks),
@@ -171,9 +180,13 @@ def run_benchmark(
     }
 
 
-def count_work(runner: Any, data: Any, cache_folder: Path, progress: Any = None) -> dict[str, Any]:
-    """Each stage's ``WorkCounter`` over the same questions, from a fresh cache so that every item is
-    computed again (the seeded sampler draws the same captions, so the work is the timed run's)."""
+def count_work(runner: Any, data: Any, cache_folder: Path, progress: Any = None
+               ) -> tuple[dict[str, WorkCounter], list[dict[str, Any]]]:
+    """Each stage's ``WorkCounter`` over the same questions, and the records the counting pass made.
+
+    It runs from a fresh cache so that every item is computed again; the seeded sampler draws the same
+    captions as the timed run, so the work is the timed run's (the caller checks the captions).
+    """
     from capvqa.bench.work import WorkCounter
     from capvqa.engine.runner import PipelineRunner
     from capvqa.engine.store import CacheStore
@@ -185,9 +198,10 @@ def count_work(runner: Any, data: Any, cache_folder: Path, progress: Any = None)
         counting = PipelineRunner(runner.stages, store, runner.runtime, labelled, compute_context=counters.__getitem__)
         for bound in counting.stages:
             counting.run_stage(bound, data, len(data))
+        records = [outputs for _, outputs in counting.results(data)]
     finally:
         store.close()
-    return counters
+    return counters, records
 
 
 def work_per_question(flops: int, operand_bytes: int, compute_seconds: float, questions: int,

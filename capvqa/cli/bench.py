@@ -40,7 +40,7 @@ def bench(
 
     if random_weights == (models is not None):
         raise ConfigError("give exactly one of --random-weights (real sizes) or --models tiny")
-    if (peak_tflops or peak_bandwidth_gbs) and not roofline:
+    if (peak_tflops is not None or peak_bandwidth_gbs is not None) and not roofline:
         raise ConfigError("--peak-tflops and --peak-bandwidth-gbs are used by --roofline; add --roofline")
     from transformers.utils import logging as hf_logging
 
@@ -65,6 +65,9 @@ def bench(
     console.print(table)
     if "device_peaks" in result:
         console.print(roofline_table(result))
+        if not result["counted_same_captions"]:
+            err_console.print("[yellow]the counting pass drew other captions than the timed run (nondeterministic "
+                              "kernels): its work figures are close to the timed run's, not equal[/]")
     err_console.print(f"[yellow]{result['note']}[/]")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,7 @@ def roofline_table(result: dict) -> Any:
     peaks = result["device_peaks"]
     table = Table(title=f"work against the device's peaks ({peaks['source']}: "
                         f"{peaks['flops_per_second'] / 1e12:.2f} TFLOP/s, {peaks['bytes_per_second'] / 1e9:.0f} GB/s)",
-                  caption="operand bytes: every operand read and written once, an upper bound of memory traffic")
+                  caption="operand bytes: each operand read or written once, without fusion (an estimate of traffic)")
     for column in ("stage", "GFLOP/q", "TFLOP/s", "% peak", "operand GB/s", "% peak", "bound"):
         table.add_column(column, justify="left" if column in ("stage", "bound") else "right")
     rows = [(name, stage) for name, stage in result["stages"].items()] + [("[bold]total[/]", result["work"])]
