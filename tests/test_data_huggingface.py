@@ -223,3 +223,23 @@ def test_saved_files_stay_in_tmp(tmp_path):
     okvqa_dataset().to_parquet(str(path))
     load_huggingface(str(path))
     assert any(Path(tmp_path / "hf_cache").rglob("*.arrow"))
+
+
+def test_content_fingerprint_reads_no_image_and_follows_the_answers(tmp_path, monkeypatch):
+    from capvqa.data.datasets import open_dataset
+
+    path = tmp_path / "vqav2"
+    vqav2_dataset().save_to_disk(str(path))
+    first = open_dataset(f"hf:{path}").content_fingerprint()
+    assert open_dataset(f"hf:{path}").content_fingerprint() == first  # stable across openings
+
+    # the same questions and answers over other pixels: the fingerprint does not look at images
+    recoloured = vqav2_dataset().cast_column("image", datasets.Image(decode=False)).map(
+        lambda row: {"image": {"bytes": _png((1, 2, 3)), "path": None}})
+    recoloured.save_to_disk(str(tmp_path / "recoloured"))
+    assert open_dataset(f"hf:{tmp_path / 'recoloured'}").content_fingerprint() == first
+
+    edited = vqav2_dataset().map(lambda row, i: {"question": row["question"] + "?" * (i == 2)}, with_indices=True)
+    edited.save_to_disk(str(tmp_path / "edited"))
+    assert open_dataset(f"hf:{tmp_path / 'edited'}").content_fingerprint() != first
+    assert open_dataset(f"hf:{path}", limit=2).content_fingerprint() != first

@@ -300,3 +300,13 @@ def test_an_edited_pool_is_never_served_from_the_cache(selection_settings, cpu_r
     captions.write_text(captions.read_text().replace("first caption of 1", "a new first caption of 1"))
     captions_key, recaptioned, _ = run()
     assert captions_key != edited_key and recaptioned.computed == 2
+
+
+def test_a_missing_pool_captions_file_is_a_clear_error_when_the_pipeline_is_built(selection_settings, tmp_path):
+    from capvqa.engine.runner import BoundStage
+    from capvqa.errors import DataError
+
+    missing = tmp_path / "captions_train2014.json"
+    stage = ExampleSelection(**dict(selection_settings, pool_captions=str(missing)))
+    with pytest.raises(DataError, match=r"captions file for the example pool not found.*captions_train2014\.json"):
+        BoundStage.create("examples", stage, {})

@@ -26,6 +26,8 @@ The layout under ``data_root`` is the contract with ``capvqa data download`` (wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,20 @@ class Dataset:
 
     def __iter__(self) -> Iterator[VQAItem]:
         return iter(self._source)
+
+    def content_fingerprint(self) -> str:
+        """One hash of the split's questions and answers, in order, without reading any image.
+
+        A source with embedded images (Hugging Face) hands over its rows minus the image column
+        (``text_records``); the others yield items whose images are only paths.
+        """
+        digest = hashlib.sha256()
+        text_records = getattr(self._source, "text_records", None)
+        records = text_records() if callable(text_records) else (
+            [str(item.question_id), str(item.image_id), item.question, list(item.answers)] for item in self)
+        for record in records:
+            digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+        return digest.hexdigest()
 
     def __repr__(self) -> str:
         return (

@@ -187,6 +187,17 @@ class HuggingFaceSource:
         for row in self._rows:
             yield row_to_item(row, self.schema, source=self.source)
 
+    def text_records(self) -> Iterator[dict[str, Any]]:
+        """Every row without its image column, for a content fingerprint that reads no image bytes."""
+        if isinstance(self._rows, list):
+            for row in self._rows:
+                yield {key: value for key, value in row.items() if key != "image"}
+            return
+        columns = [name for name in self._rows.column_names if name != "image"]
+        for batch in self._rows.select_columns(columns).iter(batch_size=4096):
+            for values in zip(*(batch[name] for name in columns)):
+                yield dict(zip(columns, values))
+
 
 def load_huggingface(
     source: str,

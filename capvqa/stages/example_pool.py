@@ -38,6 +38,7 @@ from capvqa.data.items import ImageRef, VQAItem
 from capvqa.data.official import ItemId
 from capvqa.engine.keys import canonical_json, sha256_hex
 from capvqa.engine.runtime import Runtime
+from capvqa.errors import DataError
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 log = logging.getLogger(__name__)
@@ -238,23 +239,28 @@ def _concat(chunks: list[torch.Tensor], dim: int, device: torch.device) -> torch
 # ----------------------------------------------------------------------------------- pool assembly
 
 
-def pool_content_fingerprint(items: Iterable[VQAItem], captions_file: str | Path | None = None) -> str:
-    """What a selection depends on in the pool itself, as one hash: every pool question's id, image id,
-    text and first answer, in order, and the bytes of the COCO captions file when one is used.
+def pool_content_fingerprint(pool: Any, captions_file: str | Path | None = None) -> str:
+    """What a selection depends on in the pool itself, as one hash: the pool split's questions and answers
+    (``Dataset.content_fingerprint``) and the bytes of the COCO captions file when one is used.
 
-    It enters the selection stage's cache key, so editing the pool's files in place (a corrected
-    annotation, another captions file under the same name) recomputes the selections instead of serving
-    stale ones. Image files are named by their image id here: re-encoding an image in place is not seen.
+    It enters the selection stage's cache key, so a pool whose annotations or captions file were edited in
+    place recomputes the selections instead of serving stale ones. Images are named by their ids here: an
+    image re-encoded in place is not seen.
     """
-    digest = hashlib.sha256()
-    for item in items:
-        record = [str(item.question_id), str(item.image_id), item.question, first_answer(item)]
-        digest.update(canonical_json(record) + b"\n")
+    digest = hashlib.sha256(pool.content_fingerprint().encode())
     if captions_file is not None:
+        path = Path(captions_file).expanduser()
         digest.update(b"captions:")
-        with open(Path(captions_file).expanduser(), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as error:
+            raise DataError(
+                f"COCO captions file for the example pool not found or unreadable: {path} ({error.strerror}). "
+                "Point examples.pool_captions at captions_train2014.json, or leave it unset to caption the "
+                "pool images with the pool captioner."
+            ) from error
     return digest.hexdigest()
 
 

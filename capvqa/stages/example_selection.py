@@ -24,7 +24,8 @@ The pool (captions, embeddings, disk cache) is assembled in :mod:`capvqa.stages.
 models enter this stage's cache key (``MODEL_FIELDS``): the CLIP model and the pool captioner (the
 captioner's output reaches the examples' captions). So does the pool's content
 (:func:`~capvqa.stages.example_pool.pool_content_fingerprint`: its questions, answers and captions file),
-read when the stage is placed in a pipeline, so an edited pool never serves stale selections.
+read when the stage is placed in a pipeline, so edited annotations or captions never serve stale
+selections (an image re-encoded in place under the same id is not seen).
 """
 
 from __future__ import annotations
@@ -200,25 +201,25 @@ class ExampleSelection:
         self.config = config or ExampleSelectionConfig(**overrides)
         self._encoder: ClipEncoder | None = None
         self.report: PoolReport | None = None
-        self._pool: Any = None  # the opened pool dataset, shared by the fingerprint and setup
 
     def model_fingerprints(self) -> dict[str, str]:
-        """The CLIP model and pool captioner, fingerprinted as any stage's models, and the pool's content."""
+        """The CLIP model and pool captioner, fingerprinted as any stage's models, and the pool's content.
+
+        The pool's questions and answers are read (no images) when the stage is placed in a pipeline,
+        on every run, so a fully cached rerun also needs the pool's files.
+        """
         from capvqa.engine.runner import default_model_fingerprints
 
         return {**default_model_fingerprints(self),
-                "pool": pool_content_fingerprint(self._pool_dataset(), self.config.pool_captions)}
+                "pool": pool_content_fingerprint(self._open_pool(), self.config.pool_captions)}
 
-    def _pool_dataset(self) -> Any:
+    def _open_pool(self) -> Any:
         from capvqa.data.datasets import open_dataset
 
-        if self._pool is None:
-            cfg = self.config
-            self.pool_split = resolve_pool_split(cfg.pool_dataset, cfg.pool_split)
-            data_root = Path(cfg.pool_data_root).expanduser() if cfg.pool_data_root else None
-            self._pool = open_dataset(cfg.pool_dataset, split=self.pool_split, data_root=data_root,
-                                      limit=cfg.pool_limit)
-        return self._pool
+        cfg = self.config
+        self.pool_split = resolve_pool_split(cfg.pool_dataset, cfg.pool_split)
+        data_root = Path(cfg.pool_data_root).expanduser() if cfg.pool_data_root else None
+        return open_dataset(cfg.pool_dataset, split=self.pool_split, data_root=data_root, limit=cfg.pool_limit)
 
     # -- setup: pool items -> captions (captioner, then freed) -> CLIP -> pool embeddings ------------
     # The captioner runs before CLIP is loaded so only one model is in memory at a time.
@@ -265,14 +266,13 @@ class ExampleSelection:
 
     def _setup_pool_entries(self, hasher: Any) -> tuple[list[PoolEntry], int]:
         cfg = self.config
-        dataset = self._pool_dataset()
+        dataset = self._open_pool()
         if not dataset.has_annotations:
             raise DataError(
                 f"the example pool {cfg.pool_dataset} {self.pool_split or ''} has no annotations; PICa's "
                 "examples need answers (use a training split such as okvqa train2014)"
             )
         entries, skipped = read_pool_entries(dataset, hasher)
-        self._pool = None  # the entries hold what the stage needs; a large split's records can go
         if not entries:
             raise DataError(
                 f"the example pool {cfg.pool_dataset} {self.pool_split or ''} has no answered questions"
