@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from capvqa.cli.console import console
+from capvqa.cli.console import console, human_size
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -28,9 +28,9 @@ def info(cache_dir: CacheDirOption = None) -> None:
     table.add_column("entries", justify="right")
     table.add_column("payload", justify="right")
     for row in usage:
-        table.add_row(row.stage, str(row.entries), _human(row.nbytes))
+        table.add_row(row.stage, str(row.entries), human_size(row.nbytes))
     console.print(table)
-    console.print(f"total on disk: {_human(store.file_size())}, {sum(r.entries for r in usage)} entries")
+    console.print(f"total on disk: {human_size(store.file_size())}, {sum(r.entries for r in usage)} entries")
 
 
 @app.command("clear")
@@ -56,11 +56,3 @@ def clear(
     removed = store.clear(stage)
     console.print(f"removed {removed} entries ({what})")
 
-
-def _human(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} TiB"

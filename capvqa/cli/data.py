@@ -52,7 +52,7 @@ def list_targets() -> None:
     """Print the download targets, their archives, sizes and where the files go."""
     from rich.table import Table
 
-    from capvqa.cli.console import console
+    from capvqa.cli.console import console, human_size
     from capvqa.data.download import TARGETS
 
     table = Table("target", "archive", "size", "sha256", "extracts to")
@@ -61,19 +61,9 @@ def list_targets() -> None:
             table.add_row(
                 target.name if index == 0 else "",
                 source.name,
-                _human_size(source.size),
+                human_size(source.size, binary=False),
                 "known" if source.sha256 else "-",
                 source.rule.describe(),
             )
     console.print(table)
 
-
-def _human_size(size: int | None) -> str:
-    if size is None:
-        return "?"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
-        value /= 1000
-    return f"{size} B"
