@@ -27,7 +27,7 @@ def capvqa_home(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_zoo(capvqa_home):
     """{role: folder} of the offline tiny models, built once per session through the normal path."""
-    from capvqa.models.tiny_zoo import ensure_tiny_zoo
+    from capvqa.synthetic.tiny_zoo import ensure_tiny_zoo
 
     return ensure_tiny_zoo()
 

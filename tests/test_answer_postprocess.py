@@ -4,7 +4,7 @@ import pytest
 
 from capvqa.errors import ConfigError
 from capvqa.eval.lemmatize import RuleLemmatizer
-from capvqa.stages.answer_postprocess import (
+from capvqa.text.answer_postprocess import (
     img2llm_answer,
     img2llm_okvqa_answer,
     pica_answer,

@@ -174,7 +174,7 @@ def test_ensure_converts_once_and_accepts_plain_state_dicts(tiny_zoo, originals,
     assert other != folder  # config overrides are part of the cache identity
     assert json.loads((other / "config.json").read_text())["vision_config"]["layer_norm_eps"] == 1e-5
 
-    from capvqa.stages.blip_itm import load_blip_itm
+    from capvqa.models.blip_itm import load_blip_itm
 
     itm = load_blip_itm(str(folder), None, cpu_runtime)  # the stages' loading path
     assert itm.enc_token_id == itm.processor.tokenizer.convert_tokens_to_ids("[ENC]")

@@ -38,12 +38,12 @@ def test_training_falls_back_to_eager_attention():
 
 
 def test_stages_load_blip_with_fused_vision_attention(tiny_zoo, cpu_runtime):
-    from capvqa.stages.blip_itm import load_blip_itm
-    from capvqa.stages.captioning import PatchCaptioning
+    from capvqa.models.blip_itm import load_blip_itm
+    from capvqa.stages.patch_captioning import PatchCaptioning
 
     itm = load_blip_itm(str(tiny_zoo["itm"]), None, cpu_runtime)
     captioner = PatchCaptioning(model=str(tiny_zoo["captioner"]))
     captioner.setup(cpu_runtime)
-    for model in (itm.model, captioner._model):
+    for model in (itm.model, captioner._captioner.model):
         names = {type(m).__name__ for m in model.vision_model.modules()}
         assert "FusedBlipAttention" in names and "BlipAttention" not in names

@@ -8,7 +8,7 @@ from PIL import Image
 from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.stage import StageInput
 from capvqa.stages.caption_filter import CaptionFilter, clean_caption
-from capvqa.stages.captioning import Captions
+from capvqa.stages.patch_captioning import Captions
 
 
 def test_clean_caption_follows_blip_caption_processor():

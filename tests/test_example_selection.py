@@ -11,13 +11,13 @@ from capvqa.data.datasets import open_dataset
 from capvqa.engine.keys import item_fingerprint
 from capvqa.engine.stage import StageInput
 from capvqa.errors import ConfigError
+from capvqa.ops.patch_sampling import item_rng
 from capvqa.stages.example_selection import (
     ExampleSelection,
     random_examples,
     similarity_scores,
     top_examples,
 )
-from capvqa.stages.patch_sampling import item_rng
 
 # ------------------------------------------------------------------------------------- pure ranking
 

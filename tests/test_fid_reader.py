@@ -5,7 +5,7 @@ import torch
 
 from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.stage import StageInput
-from capvqa.stages.captioning import Captions
+from capvqa.stages.patch_captioning import Captions
 
 
 @pytest.fixture(scope="module")

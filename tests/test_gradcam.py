@@ -9,7 +9,7 @@ from PIL import Image
 
 from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.stage import StageInput
-from capvqa.stages.gradcam import gradcam_patch_relevance
+from capvqa.ops.gradcam import gradcam_patch_relevance
 
 
 def reference_relevance(attention, gradient, mask):
@@ -67,7 +67,7 @@ def test_shape_errors_are_explicit():
 
 @pytest.fixture(scope="module")
 def matcher(tiny_zoo, cpu_runtime):
-    from capvqa.stages.matching import GradCamMatching
+    from capvqa.stages.gradcam_matching import GradCamMatching
 
     stage = GradCamMatching(model=str(tiny_zoo["itm"]))
     stage.setup(cpu_runtime)
@@ -118,9 +118,9 @@ def test_batched_equals_single(matcher, tmp_path):
 
 def test_gradient_only_at_attention_equals_full_backward(matcher, tmp_path):
     """SPEC §1: skipping the ViT backward gives the same relevance as LAVIS's full backward pass."""
-    from capvqa.stages.gradcam import gradcam_patch_relevance as reduce
-    from capvqa.stages.images import distinct_images
-    from capvqa.stages.text import matching_text
+    from capvqa.data.images import distinct_images
+    from capvqa.ops.gradcam import gradcam_patch_relevance as reduce
+    from capvqa.text.pnp_vqa_formats import matching_text
 
     inputs = _inputs(tmp_path, ["what is the man holding?"])
     ours = matcher.run(inputs)[0].relevance

@@ -10,8 +10,8 @@ from capvqa.engine.codec import decode_record, encode_record
 from capvqa.engine.stage import StageInput, semantic_config
 from capvqa.errors import ConfigError
 from capvqa.llm import Completion, GenerationSettings, covering_prefix_length, cut_at_stop
-from capvqa.stages.answer_postprocess import img2llm_answer
 from capvqa.stages.llm_answer import LLMAnswer, LLMAnswerConfig, LLMAnswerer, choose_candidate
+from capvqa.text.answer_postprocess import img2llm_answer
 
 PROMPTS = [
     "Question: what is it?\nAnswer:",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from capvqa.stages.patch_sampling import item_rng, sample_patch_sets
+from capvqa.ops.patch_sampling import item_rng, sample_patch_sets
 
 
 def test_rows_are_sorted_distinct_and_in_range():

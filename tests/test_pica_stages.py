@@ -174,7 +174,7 @@ def test_image_captioning_one_caption_per_image(tiny_zoo, cpu_runtime, image_inp
     assert all(isinstance(o.caption, str) and not o.caption.startswith("a picture of") for o in out)
     alone = [stage.run([entry])[0].caption for entry in image_inputs[:2]]
     assert alone == [o.caption for o in out[:2]]  # beam search: deterministic, batch-independent
-    tokens = stage.processor.tokenizer(out[0].caption, add_special_tokens=False)["input_ids"]
+    tokens = stage._captioner.processor.tokenizer(out[0].caption, add_special_tokens=False)["input_ids"]
     assert len(tokens) <= 16  # max_length 20 minus the 4 prompt tokens
 
 

@@ -153,7 +153,7 @@ def test_python_api_and_stage_alone(tmp_path, tiny_zoo, cpu_runtime):
 
     from capvqa.data.items import ImageRef, VQAItem
     from capvqa.engine.stage import StageInput
-    from capvqa.stages.matching import GradCamMatching
+    from capvqa.stages.gradcam_matching import GradCamMatching
 
     path = tmp_path / "mine.png"
     Image.new("RGB", (50, 40), "red").save(path)

@@ -52,8 +52,8 @@ def _base_config(num_captions: int, *, tiny: bool = False, dataset: str = "sampl
         "models": {"itm": "Salesforce/blip-itm-large-coco", "captioner": "Salesforce/blip-image-captioning-large",
                    "reader": "allenai/unifiedqa-v2-t5-base-1363200"},
         "stages": {
-            "matching": {"type": "capvqa.stages.matching.GradCamMatching", "model": "itm", "block_num": 7},
-            "captioning": {"type": "capvqa.stages.captioning.PatchCaptioning", "model": "captioner",
+            "matching": {"type": "capvqa.stages.gradcam_matching.GradCamMatching", "model": "itm", "block_num": 7},
+            "captioning": {"type": "capvqa.stages.patch_captioning.PatchCaptioning", "model": "captioner",
                            "inputs": {"relevance": "matching"}, "num_captions": num_captions, "num_patches": 20},
             "llm": {"type": "tests.FakeLLM", "model": "reader", "inputs": {"captions": "captioning"}},
         },

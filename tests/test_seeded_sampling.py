@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from capvqa.stages.seeded_sampling import choose_tokens, row_seed, step_uniforms
+from capvqa.ops.seeded_sampling import choose_tokens, row_seed, step_uniforms
 
 
 def test_uniforms_are_deterministic_and_spread():
@@ -44,7 +44,7 @@ def test_masked_tokens_are_never_chosen():
 
 
 def test_processor_bans_eos_until_min_new_tokens():
-    from capvqa.stages.seeded_sampling import SeededSamplingProcessor
+    from capvqa.ops.seeded_sampling import SeededSamplingProcessor
 
     seeds = np.array([row_seed(0, "eos", d) for d in range(64)], dtype=np.uint64)
     processor = SeededSamplingProcessor(seeds, prompt_length=4, top_k=5, top_p=1.0, eos_token_id=3, min_new_tokens=2)
@@ -57,7 +57,7 @@ def test_processor_bans_eos_until_min_new_tokens():
 
 
 def test_processor_output_keeps_only_the_chosen_token():
-    from capvqa.stages.seeded_sampling import SeededSamplingProcessor, choose_tokens, step_uniforms
+    from capvqa.ops.seeded_sampling import SeededSamplingProcessor, choose_tokens, step_uniforms
 
     seeds = np.array([row_seed(1, "one", d) for d in range(8)], dtype=np.uint64)
     scores = torch.randn(8, 30)

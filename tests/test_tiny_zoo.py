@@ -27,8 +27,8 @@ from transformers import (
 )
 
 from capvqa.errors import ModelLoadError
-from capvqa.models import offline_tokenizers, tiny_zoo
-from capvqa.models.tiny_zoo import ROLES, build_tiny_zoo, ensure_tiny_zoo, tiny_zoo_manifest
+from capvqa.synthetic import offline_tokenizers, tiny_zoo
+from capvqa.synthetic.tiny_zoo import ROLES, build_tiny_zoo, ensure_tiny_zoo, tiny_zoo_manifest
 
 PASSAGE = "what color is the cat? \\n a picture of a black cat on a bed."  # literal backslash-n
 

@@ -100,7 +100,7 @@ def run_benchmark(
         *(f"{stage}.batch_size={batch_size}" for stage in ("matching", "captioning", "reader")),
     ]
     if models == "random":
-        from capvqa.bench.architectures import ensure_pnp_vqa_models
+        from capvqa.synthetic.bench_models import ensure_pnp_vqa_models
 
         built = ensure_pnp_vqa_models(size)
         overrides += [f"models.{role}={path}" for role, path in built.items()]

@@ -18,14 +18,18 @@ import hashlib
 import io
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from capvqa.data.items import ImageRef
 from capvqa.errors import DataError
+
+if TYPE_CHECKING:
+    from capvqa.engine.stage import StageInput
 
 logger = logging.getLogger(__name__)
 
@@ -186,3 +190,21 @@ def _exif_transposed(image: Image.Image, origin: str) -> Image.Image:
         logger.warning("Ignoring unreadable EXIF orientation of %s: %s", origin, error)
         return image
     return transposed if transposed is not None else image
+
+
+def distinct_images(batch: Sequence[StageInput]) -> tuple[list[Image.Image], list[int]]:
+    """Decoded images of a stage batch, one per distinct image hash, and for each input the index of its
+    image.
+
+    Several questions often share an image (VQAv2 has ~5 per image); encoding it once per model is the
+    cheapest way to batch them.
+    """
+    index_of: dict[str, int] = {}
+    images: list[Image.Image] = []
+    positions: list[int] = []
+    for entry in batch:
+        if entry.image_hash not in index_of:
+            index_of[entry.image_hash] = len(images)
+            images.append(load_image(entry.item.image))
+        positions.append(index_of[entry.image_hash])
+    return images, positions

@@ -5,7 +5,7 @@ A config names its models by role and its stages by dotted class path, in execut
     name: pnp-vqa-base
     models: {itm: Salesforce/blip-itm-large-coco, ...}
     stages:
-      matching: {type: capvqa.stages.matching.GradCamMatching, model: itm, block_num: 7}
+      matching: {type: capvqa.stages.gradcam_matching.GradCamMatching, model: itm, block_num: 7}
       captioning: {type: ..., model: captioner, inputs: {relevance: matching}, num_captions: 100}
     answer: reader
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from capvqa.engine.registry import answer_field_problem, resolve_stage_type
 from capvqa.errors import ConfigError
 from capvqa.resources import pipelines_dir
 
@@ -192,16 +192,8 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
     raise ConfigError(f"unknown key {'.'.join(parts)!r}; valid keys: {valid_keys}")
 
 
-def import_stage_class(path: str) -> type:
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"stage type {path!r} cannot be imported: {error}") from error
-
-
 def _stage_param_names(node: dict[str, Any]) -> set[str]:
-    stage_class = import_stage_class(str(node.get("type", "")))
+    stage_class = resolve_stage_type(str(node.get("type", "")))
     # a model bound to a role is chosen through the role (models.ROLE=...), not as a stage parameter
     return {f.name for f in dataclasses.fields(stage_class.Config)} - set(_model_roles(node, stage_class))
 
@@ -282,7 +274,7 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
     for name, node in stages_node.items():
         if not isinstance(node, dict) or "type" not in node:
             raise ConfigError(f"{origin}: stage {name!r} needs a 'type' (dotted class path)")
-        stage_class = import_stage_class(node["type"])
+        stage_class = resolve_stage_type(node["type"])
         params = {k: v for k, v in node.items() if k not in _RESERVED_STAGE_KEYS}
         roles = _model_roles(node, stage_class)
         for role in roles.values():
@@ -309,6 +301,9 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
     answer = data.get("answer") or stages[-1].name
     if answer not in {s.name for s in stages}:
         raise ConfigError(f"{origin}: answer stage {answer!r} is not one of the stages")
+    problem = answer_field_problem(resolve_stage_type(next(s.type for s in stages if s.name == answer)))
+    if problem:
+        raise ConfigError(f"{origin}: stage {answer!r} cannot be the answer stage: {problem}")
     spec = PipelineSpec(
         name=str(data.get("name") or Path(origin).stem),
         method=str(data.get("method") or ""),
@@ -343,7 +338,7 @@ def resolve_task(task: str, dataset_name: str | None) -> str:
 def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
     """The stage's frozen config dataclass: model roles resolved to ids, the pipeline seed and task
     applied to stages that have such fields (unless the stage sets them itself)."""
-    stage_class = import_stage_class(stage.type)
+    stage_class = resolve_stage_type(stage.type)
     params = dict(stage.params)
     for field_name, role in stage.model_roles.items():
         params[field_name] = spec.models[role]

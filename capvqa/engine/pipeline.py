@@ -26,7 +26,8 @@ import yaml
 from capvqa.atomic import atomic_open, atomic_write_text
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
-from capvqa.engine.config import PipelineSpec, build_stage_config, import_stage_class, load_spec, resolve_task
+from capvqa.engine.config import PipelineSpec, build_stage_config, load_spec, resolve_task
+from capvqa.engine.registry import resolve_stage_type
 from capvqa.engine.distributed import DistributedContext, Shard
 from capvqa.engine.host_memory import host_allocator
 from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats, merge_rank_stats
@@ -69,7 +70,7 @@ class Pipeline:
         dtype = runtime.dtype_name if runtime is not None else None
         bound = []
         for stage_spec in spec.stages:
-            stage_class = import_stage_class(stage_spec.type)
+            stage_class = resolve_stage_type(stage_spec.type)
             stage = stage_class(build_stage_config(spec, stage_spec))
             bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype))
         return bound

@@ -20,7 +20,7 @@ def apply_models_preset(preset: str, models: dict[str, str]) -> dict[str, str]:
     if preset == "hub":
         return dict(models)
     if preset == "tiny":
-        from capvqa.models.tiny_zoo import ensure_tiny_zoo
+        from capvqa.synthetic.tiny_zoo import ensure_tiny_zoo
 
         zoo = ensure_tiny_zoo()
         zoo_role = {role: TINY_ROLE_ALIASES.get(role, role) for role in models}

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
-from capvqa.stages.blip_itm import load_blip_itm
-from capvqa.stages.images import distinct_images
+from capvqa.models.blip_itm import load_blip_itm
 
 _CAPTION_PUNCT = re.compile(r"[.!\"()*#:;~]")
 

@@ -29,12 +29,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError, DataError
+from capvqa.models.clip_encoder import ClipEncoder
 from capvqa.models.loading import ModelRef
-from capvqa.stages.example_pool import ClipEncoder
-from capvqa.stages.images import distinct_images
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ Differences from the original code (``microsoft/PICa``, ``gpt3_api_okvqa.py``), 
 - pool questions without a question text or a first answer are left out of the pool (the original
   re-draws a random one when it meets them).
 
-The pool (captions, embeddings, disk cache) is assembled in :mod:`capvqa.stages.example_pool`. Two
+The pool (captions, embeddings, disk cache) is assembled in :mod:`capvqa.data.example_pool`. Two
 models enter this stage's cache key (``MODEL_FIELDS``): the CLIP model and the pool captioner (the
 captioner's output reaches the examples' captions). So does the pool's content
-(:func:`~capvqa.stages.example_pool.pool_content_fingerprint`: its questions, answers and captions file),
+(:func:`~capvqa.data.example_pool.pool_content_fingerprint`: its questions, answers and captions file),
 read when the stage is placed in a pipeline, so edited annotations or captions never serve stale
 selections (an image re-encoded in place under the same id is not seen).
 """
@@ -39,14 +39,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from capvqa.data.official import normalize_id
-from capvqa.engine.runtime import Runtime
-from capvqa.engine.stage import StageInput, non_semantic
-from capvqa.errors import ConfigError, DataError
-from capvqa.models.loading import ModelRef, model_fingerprint
-from capvqa.stages.example_pool import (
+from capvqa.data.example_pool import (
     POOL_CACHE_SUBDIR,
-    ClipEncoder,
     PoolEntry,
     PoolReport,
     cached_array,
@@ -56,8 +50,14 @@ from capvqa.stages.example_pool import (
     pool_content_fingerprint,
     read_pool_entries,
 )
-from capvqa.stages.images import distinct_images
-from capvqa.stages.patch_sampling import item_rng
+from capvqa.data.images import distinct_images
+from capvqa.data.official import normalize_id
+from capvqa.engine.runtime import Runtime
+from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.errors import ConfigError, DataError
+from capvqa.models.clip_encoder import ClipEncoder
+from capvqa.models.loading import ModelRef, model_fingerprint
+from capvqa.ops.patch_sampling import item_rng
 
 log = logging.getLogger(__name__)
 

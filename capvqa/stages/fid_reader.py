@@ -19,7 +19,7 @@ import torch
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.models.loading import ModelRef, load_model, load_processor
-from capvqa.stages.text import clean_question, unifiedqa_passages
+from capvqa.text.pnp_vqa_formats import clean_question, unifiedqa_passages
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
-from capvqa.models.blip_vision_attention import use_fused_vision_attention
-from capvqa.models.loading import ModelRef, load_model, load_processor
-from capvqa.stages.images import distinct_images
+from capvqa.models.blip_captioner import BlipCaptioner, load_blip_captioner
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +64,14 @@ class ImageCaptioning:
 
     def __init__(self, config: ImageCaptioningConfig | None = None, **overrides: Any) -> None:
         self.config = config or ImageCaptioningConfig(**overrides)
-        self._model: Any = None
+        self._captioner: BlipCaptioner | None = None
 
     def setup(self, runtime: Runtime) -> None:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        ref = ModelRef(self.config.model, self.config.revision)
+        cfg = self.config
         self.runtime = runtime
-        self.processor = load_processor(BlipProcessor, ref)
-        self._model = load_model(
-            BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype
-        )
-        use_fused_vision_attention(self._model)
-        text_config = self._model.config.text_config
-        prompt_ids = self.processor.tokenizer(self.config.prompt, add_special_tokens=True)["input_ids"]
-        # HF BLIP: [CLS] prompt [SEP] -> [DEC] prompt (the decoder's BOS replaces CLS, SEP dropped)
-        self.prompt_ids = [text_config.bos_token_id, *prompt_ids[1:-1]]
-        self.eos_id = text_config.sep_token_id
-        self.pad_id = text_config.pad_token_id
-        log.info(
-            "image captioning: BLIP %s, beam %d, length %d..%d (prompt included)",
-            self.config.model,
-            self.config.num_beams,
-            self.config.min_length,
-            self.config.max_length,
-        )
+        self._captioner = load_blip_captioner(cfg.model, cfg.revision, runtime, cfg.prompt)
+        log.info("image captioning: BLIP %s, beam %d, length %d..%d (prompt included)",
+                 cfg.model, cfg.num_beams, cfg.min_length, cfg.max_length)
 
     def run(self, batch: Sequence[StageInput]) -> list[ImageCaption]:
         images, image_index = distinct_images(batch)
@@ -98,33 +80,27 @@ class ImageCaptioning:
 
     def caption_images(self, images: list) -> list[str]:
         """One beam-search caption per PIL image, in order."""
-        cfg, device = self.config, self.runtime.device
+        cfg, captioner = self.config, self._captioner
+        image_embeds = captioner.encode_images(images)
+        prompt_length = len(captioner.prompt_ids)
+        input_ids = captioner.prompt_batch(len(images))
         with torch.inference_mode():
-            pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            image_embeds = self._model.vision_model(pixel_values=pixel_values.to(device, self.runtime.dtype))[
-                0
-            ]
-            image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)
-            prompt_length = len(self.prompt_ids)
-            input_ids = torch.tensor([self.prompt_ids] * len(images), device=device)
-            output = self._model.text_decoder.generate(
+            output = captioner.model.text_decoder.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 encoder_hidden_states=image_embeds,
-                encoder_attention_mask=image_mask,
+                encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long, device=input_ids.device),
                 do_sample=False,
                 num_beams=cfg.num_beams,
                 max_new_tokens=max(cfg.max_length - prompt_length, 1),
                 min_new_tokens=max(cfg.min_length - prompt_length, 0),
                 repetition_penalty=1.0,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
+                eos_token_id=captioner.eos_id,
+                pad_token_id=captioner.pad_id,
             )
-        decoded = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
-        prefix = cfg.prompt.strip()
-        return [text.removeprefix(prefix).strip() for text in decoded]
+        return captioner.texts(output)
 
     def cleanup(self) -> None:
-        self._model = None
+        self._captioner = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -2,7 +2,7 @@
 
 Reads the prompt record of an upstream stage (``prompts``: one prompt for Img2LLM, ``n_ensemble`` for
 PICa), completes every prompt greedily with at most ``max_new_tokens`` tokens, cut at the first stop
-string, post-processes each completion with the method's rule (:mod:`capvqa.stages.answer_postprocess`)
+string, post-processes each completion with the method's rule (:mod:`capvqa.text.answer_postprocess`)
 and, with several prompts, keeps the candidate whose summed token log-probability is highest (PICa's
 ensemble). All prompts of all items of a batch go to the backend together, so a local model decodes them
 in a few batched ``generate`` calls and an API client keeps ``concurrency`` requests in flight.
@@ -30,7 +30,7 @@ from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
 from capvqa.llm import Completion, GenerationSettings, LLMBackend
-from capvqa.stages.answer_postprocess import check_rule, postprocess_answer, postprocess_name
+from capvqa.text.answer_postprocess import check_rule, postprocess_answer, postprocess_name
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each distinct image is encoded once. For every caption draw, ``num_patches`` patch embeddings are
 sampled by relevance and fed alone as the decoder's cross-attention memory; all draws of all items in a
 batch decode together in a few ``generate`` calls (KV cache on). Sampling randomness is per item and per
-draw (:mod:`capvqa.stages.seeded_sampling`), so an item's captions do not depend on its batch.
+draw (:mod:`capvqa.ops.seeded_sampling`), so an item's captions do not depend on its batch.
 
 Distinct-caption filling follows LAVIS -- each round draws ``num_captions`` candidates per unfinished
 item and keeps those that are not a substring of a caption already kept -- with a cap on the number of
@@ -20,13 +20,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
-from capvqa.models.blip_vision_attention import use_fused_vision_attention
-from capvqa.models.loading import ModelRef, load_model, load_processor
-from capvqa.stages.images import distinct_images
-from capvqa.stages.patch_sampling import item_rng, sample_patch_sets
-from capvqa.stages.seeded_sampling import SeededSamplingProcessor, row_seed
+from capvqa.models.blip_captioner import BlipCaptioner, load_blip_captioner
+from capvqa.ops.patch_sampling import item_rng, sample_patch_sets
+from capvqa.ops.seeded_sampling import SeededSamplingProcessor, row_seed
 
 log = logging.getLogger(__name__)
 
@@ -76,31 +75,14 @@ class PatchCaptioning:
 
     def __init__(self, config: PatchCaptioningConfig | None = None, **overrides: Any) -> None:
         self.config = config or PatchCaptioningConfig(**overrides)
-        self._model: Any = None
+        self._captioner: BlipCaptioner | None = None
 
     def setup(self, runtime: Runtime) -> None:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        ref = ModelRef(self.config.model, self.config.revision)
-        if self.config.checkpoint:  # the paper's COCO-train2014 BLIP, converted into the hub architecture
-            from capvqa.models.blip_checkpoint import ensure_blip_model
-
-            ref = ModelRef(str(ensure_blip_model(self.config.checkpoint, "captioner", ref)))
+        cfg = self.config
         self.runtime = runtime
-        self.processor = load_processor(BlipProcessor, ref)
-        self._model = load_model(BlipForConditionalGeneration, ref, device=runtime.device, dtype=runtime.dtype)
-        use_fused_vision_attention(self._model)
-        tokenizer = self.processor.tokenizer
-        text_config = self._model.config.text_config
-        prompt_ids = tokenizer(self.config.prompt, add_special_tokens=True)["input_ids"]
-        # HF BLIP: [CLS] prompt [SEP] -> [DEC] prompt (the decoder's BOS replaces CLS, SEP dropped)
-        self.prompt_ids = [text_config.bos_token_id, *prompt_ids[1:-1]]
-        self.eos_id = text_config.sep_token_id
-        self.pad_id = text_config.pad_token_id
-        vision = self._model.config.vision_config
-        self.num_image_patches = (vision.image_size // vision.patch_size) ** 2
+        self._captioner = load_blip_captioner(cfg.model, cfg.revision, runtime, cfg.prompt, cfg.checkpoint)
         log.info("captioning: BLIP %s, %d captions x %d patches per question",
-                 self.config.model, self.config.num_captions, self.config.num_patches)
+                 cfg.model, cfg.num_captions, cfg.num_patches)
 
     def cost(self, entry: StageInput) -> int:
         return len(entry.item.question)
@@ -110,17 +92,13 @@ class PatchCaptioning:
         images, image_index = distinct_images(batch)
         relevance = [np.asarray(entry.upstream["relevance"].relevance) for entry in batch]
         for entry, weights in zip(batch, relevance):
-            if weights.shape[0] != self.num_image_patches:
+            if weights.shape[0] != self._captioner.num_image_patches:
                 raise ValueError(
                     f"question {entry.item.question_id}: relevance has {weights.shape[0]} patches but the "
-                    f"captioner's ViT has {self.num_image_patches}; matching and captioning models must "
+                    f"captioner's ViT has {self._captioner.num_image_patches}; matching and captioning models must "
                     "share the image size and patch size"
                 )
-        with torch.inference_mode():
-            pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            image_embeds = self._model.vision_model(
-                pixel_values=pixel_values.to(self.runtime.device, self.runtime.dtype)
-            )[0]
+        image_embeds = self._captioner.encode_images(images)
 
         rngs = [item_rng(cfg.seed, entry.item_key, "patches") for entry in batch]
         kept: list[list[str]] = [[] for _ in batch]
@@ -183,15 +161,16 @@ class PatchCaptioning:
             memory_mask[r, : len(patches)] = 1
         row_images = torch.as_tensor([image_index[i] for i in rows_item], device=device)
         memory = image_embeds[row_images[:, None], gather_index.to(device)]
-        prompt_length = len(self.prompt_ids)
-        input_ids = torch.tensor([self.prompt_ids] * num_rows, device=device)
+        captioner = self._captioner
+        prompt_length = len(captioner.prompt_ids)
+        input_ids = captioner.prompt_batch(num_rows)
         min_new = max(cfg.min_length - prompt_length, 0)
         sampler = SeededSamplingProcessor(np.asarray(rows_seed, dtype=np.uint64), prompt_length, cfg.top_k,
-                                          cfg.top_p, eos_token_id=self.eos_id, min_new_tokens=min_new)
+                                          cfg.top_p, eos_token_id=captioner.eos_id, min_new_tokens=min_new)
         from transformers import LogitsProcessorList
 
         with torch.inference_mode():
-            output = self._model.text_decoder.generate(
+            output = captioner.model.text_decoder.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 encoder_hidden_states=memory,
@@ -201,15 +180,13 @@ class PatchCaptioning:
                 max_new_tokens=max(cfg.max_length - prompt_length, 0),
                 min_new_tokens=0,  # the sampler bans EOS until min_length (see SeededSamplingProcessor)
                 repetition_penalty=cfg.repetition_penalty,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
+                eos_token_id=captioner.eos_id,
+                pad_token_id=captioner.pad_id,
                 logits_processor=LogitsProcessorList([sampler]),
             )
-        decoded = self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)
-        prefix = self.config.prompt.strip()
-        return [(text.removeprefix(prefix)).strip() for text in decoded]
+        return captioner.texts(output)
 
     def cleanup(self) -> None:
-        self._model = None
+        self._captioner = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-from capvqa.stages.text import clean_question, matching_text, unifiedqa_passages
+from capvqa.text.pnp_vqa_formats import clean_question, matching_text, unifiedqa_passages
 
 
 def test_question_cleaning_follows_blip_question_processor():

@@ -6,12 +6,12 @@ from PIL import Image
 
 from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.stage import StageInput
-from capvqa.stages.matching import PatchRelevance
+from capvqa.stages.gradcam_matching import PatchRelevance
 
 
 @pytest.fixture(scope="module")
 def captioner(tiny_zoo, cpu_runtime):
-    from capvqa.stages.captioning import PatchCaptioning
+    from capvqa.stages.patch_captioning import PatchCaptioning
 
     stage = PatchCaptioning(model=str(tiny_zoo["captioner"]), num_captions=6, num_patches=5)
     stage.setup(cpu_runtime)
@@ -22,7 +22,7 @@ def captioner(tiny_zoo, cpu_runtime):
 def inputs(tmp_path, captioner):
     rng = np.random.default_rng(0)
     entries = []
-    patches = captioner.num_image_patches
+    patches = captioner._captioner.num_image_patches
     for i in range(4):
         path = tmp_path / f"img{i % 2}.png"
         if not path.exists():
@@ -55,24 +55,22 @@ def test_results_do_not_depend_on_the_batch(captioner, inputs):
 def test_seed_changes_captions(captioner, inputs):
     from dataclasses import replace
 
-    from capvqa.stages.captioning import PatchCaptioning
+    from capvqa.stages.patch_captioning import PatchCaptioning
 
     other = PatchCaptioning(replace(captioner.config, seed=7))
-    other.processor, other._model, other.runtime = captioner.processor, captioner._model, captioner.runtime
-    other.prompt_ids, other.eos_id, other.pad_id = captioner.prompt_ids, captioner.eos_id, captioner.pad_id
-    other.num_image_patches = captioner.num_image_patches
+    other._captioner, other.runtime = captioner._captioner, captioner.runtime  # same weights, other seed
     assert other.run(inputs[:1])[0].captions != captioner.run(inputs[:1])[0].captions
 
 
 def test_caption_lengths_respect_min_and_max(captioner, inputs):
-    tokenizer = captioner.processor.tokenizer
+    tokenizer = captioner._captioner.processor.tokenizer
     for caption in captioner.run(inputs[:2])[0].captions:
         n = len(tokenizer(caption, add_special_tokens=False)["input_ids"])
         assert n <= 16  # max_length 20 minus the 4 prompt tokens; WordPiece re-tokenisation may merge
 
 
 def test_retry_cap_records_shortfall(tiny_zoo, cpu_runtime, inputs):
-    from capvqa.stages.captioning import PatchCaptioning
+    from capvqa.stages.patch_captioning import PatchCaptioning
 
     # top_k=1 makes every draw of an item identical: only one distinct caption can ever be found
     stage = PatchCaptioning(model=str(tiny_zoo["captioner"]), num_captions=4, num_patches=16, top_k=1,

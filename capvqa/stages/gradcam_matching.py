@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
-from capvqa.stages.blip_itm import load_blip_itm
-from capvqa.stages.gradcam import gradcam_patch_relevance
-from capvqa.stages.images import distinct_images
-from capvqa.stages.text import matching_text
+from capvqa.models.blip_itm import load_blip_itm
+from capvqa.ops.gradcam import gradcam_patch_relevance
+from capvqa.text.pnp_vqa_formats import matching_text
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def bench_tokenizers() -> tuple:
     """(BLIP BERT tokenizer of 30,524 entries, T5 tokenizer of 32,100) with word-like vocabularies."""
     import random
 
-    from capvqa.models.offline_tokenizers import (
+    from capvqa.synthetic.offline_tokenizers import (
         REAL_TOKENIZER_SIZES,
         VQA_WORDS,
         build_blip_bert_tokenizer,
@@ -115,7 +115,7 @@ def _build_blip(role: str, size: str, folder: Path) -> None:
         BlipProcessor,
     )
 
-    from capvqa.models.tiny_zoo import blip_image_processor, save_random_model
+    from capvqa.synthetic.tiny_zoo import blip_image_processor, save_random_model
 
     tokenizer, _ = bench_tokenizers()
     text = {**BLIP_LARGE["text"], "vocab_size": len(tokenizer), "encoder_hidden_size": 1024,
@@ -131,7 +131,7 @@ def _build_blip(role: str, size: str, folder: Path) -> None:
 def _build_reader(role: str, size: str, folder: Path) -> None:
     from transformers import T5ForConditionalGeneration
 
-    from capvqa.models.tiny_zoo import save_random_model, tiny_t5_config
+    from capvqa.synthetic.tiny_zoo import save_random_model, tiny_t5_config
 
     _, tokenizer = bench_tokenizers()
     config = tiny_t5_config(vocab_size=T5_MODEL_VOCAB, **UNIFIEDQA_SIZES[size])

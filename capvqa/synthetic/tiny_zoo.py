@@ -49,8 +49,8 @@ from transformers import (
 
 from capvqa.atomic import building_directory
 from capvqa.errors import ModelLoadError
-from capvqa.models import offline_tokenizers
 from capvqa.resources import capvqa_home
+from capvqa.synthetic import offline_tokenizers
 
 logger = logging.getLogger(__name__)
 
