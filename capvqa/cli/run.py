@@ -32,70 +32,36 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Run PIPELINE over a dataset and write config.yaml, predictions.json, records.jsonl, metrics.json,
-    timings.json into the run folder."""
-    import yaml
+    timings.json into the run folder. A saved run (its folder or config.yaml) reruns with its settings."""
     from transformers.utils import logging as hf_logging
 
     from capvqa.cli.progress import stage_progress
-    from capvqa.data.datasets import open_dataset
-    from capvqa.engine.config import locate_config
+    from capvqa.engine.distributed import DistributedContext
     from capvqa.engine.pipeline import Pipeline
-    from capvqa.engine.runtime import make_runtime
-    from capvqa.errors import ConfigError
+    from capvqa.engine.run_settings import RunSettings, parse_question_ids
 
     hf_logging.disable_progress_bar()  # one bar per stage is ours; per-file loading bars are noise
-    saved = {}
-    config_path = locate_config(pipeline)
-    if config_path.suffix in (".yaml", ".yml"):
-        saved = (yaml.safe_load(config_path.read_text()) or {}).get("run") or {}
-    settings = {
-        "dataset": dataset or saved.get("dataset"),
-        "split": split or saved.get("split"),
-        "data_root": str(data_root) if data_root else saved.get("data_root"),
-        "limit": limit if limit is not None else saved.get("limit"),
-        "question_ids": _parse_ids(question_ids) if question_ids else saved.get("question_ids"),
-        "batch_size": batch_size or saved.get("batch_size"),
-        "lemmatize": lemmatize or saved.get("lemmatize") or "none",
-    }
-    on_bad_image = on_bad_image or saved.get("on_bad_image") or "error"
-    cache_dir = cache_dir or (Path(saved["cache_dir"]) if saved.get("cache_dir") else None)
-    if not settings["dataset"]:
-        raise ConfigError("--dataset is required (sample, vqav2, okvqa, hf:NAME or a folder)")
-    overrides = list(set_ or [])
-    if seed is not None:
-        overrides.insert(0, f"seed={seed}")
-    if settings["batch_size"]:
-        overrides = _batch_size_overrides(config_path, settings["batch_size"]) + overrides
-    if settings["data_root"]:
-        overrides = _pool_root_overrides(config_path, settings["data_root"], overrides) + overrides
-    pipe = Pipeline.from_yaml(config_path, overrides=overrides, models=models)
+    explicit = RunSettings(
+        dataset=dataset, split=split, data_root=str(data_root) if data_root else None, limit=limit,
+        question_ids=parse_question_ids(question_ids) if question_ids is not None else None,
+        batch_size=batch_size, device=device or "auto", dtype=dtype or "auto",
+        cache_dir=str(cache_dir) if cache_dir else None, lemmatize=lemmatize or "none",
+        on_bad_image=on_bad_image or "error",
+    )
+    explicit.check_options()  # before the config loads: a bad option costs nothing
+    overrides = ([f"seed={seed}"] if seed is not None else []) + list(set_ or [])
+    pipe = Pipeline.from_yaml(pipeline, overrides=overrides, models=models, batch_size=batch_size)
+    settings = explicit.restored_from(pipe.spec.run).validate()
     if pipe.spec.models_preset == "tiny":
         err_console.print(
             "[yellow]--models tiny: random-weight tiny models. The answers and accuracy are meaningless; "
             "this run only exercises the pipeline end to end.[/]"
         )
-    data = open_dataset(
-        settings["dataset"], split=settings["split"],
-        data_root=Path(settings["data_root"]) if settings["data_root"] else None,
-        limit=settings["limit"], question_ids=settings["question_ids"],
-    )
     out_dir = out or Path("runs") / f"{pipe.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from capvqa.engine.distributed import DistributedContext
-
-    distributed = DistributedContext.from_env()
-    runtime = make_runtime(distributed.device_request(device or saved.get("device_request")),
-                           dtype or saved.get("dtype_request"))
-    run_settings = {k: v for k, v in settings.items() if v is not None}
-    run_settings.update({"device_request": device or "auto", "dtype_request": dtype or "auto",
-                         "on_bad_image": on_bad_image})
-    if cache_dir:
-        run_settings["cache_dir"] = str(cache_dir)
-    with stage_progress(enabled=not quiet and distributed.is_main) as progress:
-        result = pipe.run(
-            data, out_dir=out_dir, cache_dir=cache_dir, runtime=runtime, progress=progress,
-            run_settings=run_settings, eval_options={"lemmatize": settings["lemmatize"]}, on_bad_image=on_bad_image,
-        )
-    if not distributed.is_main:
+    is_main = DistributedContext.from_env().is_main
+    with stage_progress(enabled=not quiet and is_main) as progress:
+        result = pipe.run_with(settings, out_dir=out_dir, progress=progress, keep_freed_host_memory=True)
+    if not is_main:
         return  # rank 0 writes the run folder and prints the summary
     if report:
         _write_reports(result.out_dir)
@@ -111,30 +77,6 @@ def _write_reports(out_dir: Path) -> None:
     except Exception as error:  # noqa: BLE001 - reported, and `capvqa report` can redo it
         err_console.print(f"[yellow]could not write the report ({error}); the run's files are complete. "
                           f"Retry with: capvqa report {out_dir} --out {out_dir}/report.html[/]")
-
-
-def _parse_ids(text: str) -> list[int | str]:
-    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in text.split(",") if t.strip()]
-
-
-def _batch_size_overrides(config_path: Path, batch_size: int) -> list[str]:
-    from capvqa.engine.config import load_raw_config
-
-    stages = load_raw_config(config_path).get("stages") or {}
-    return [f"{name}.batch_size={batch_size}" for name in stages]
-
-
-def _pool_root_overrides(config_path: Path, data_root: str, overrides: list[str]) -> list[str]:
-    """--data-root also locates an example pool (PICa) unless its root is set explicitly."""
-    from capvqa.engine.config import load_raw_config
-
-    stages = load_raw_config(config_path).get("stages") or {}
-    return [
-        f"{name}.pool_data_root={data_root}"
-        for name, node in stages.items()
-        if isinstance(node, dict) and "pool_dataset" in node and not node.get("pool_data_root")
-        and not any(o.startswith(f"{name}.pool_data_root=") for o in overrides)
-    ]
 
 
 def _print_summary(result, name: str) -> None:

@@ -71,9 +71,14 @@ class Dataset:
     bytes), so the engine can walk the dataset once per stage without holding pixels.
     """
 
-    def __init__(self, name: str, split: str | None, source: ItemSource) -> None:
+    def __init__(
+        self, name: str, split: str | None, source: ItemSource, *, spec: str | None = None,
+        data_root: Path | None = None,
+    ) -> None:
         self.name = name
         self.split = split
+        self.spec = spec if spec is not None else name  # what open_dataset was given, to reopen it
+        self.data_root = data_root
         self._source = source
 
     @property
@@ -189,7 +194,7 @@ def open_dataset(
     path = Path(spec).expanduser()
     if path.is_dir() and is_dataset_folder(path):
         source = load_folder(path, split=split, limit=limit, question_ids=question_ids)
-        return Dataset(path.resolve().name, source.split, source)
+        return Dataset(path.resolve().name, source.split, source, spec=str(path.resolve()))
     reason = (
         f"the folder {path} has no questions.json"
         if path.is_dir()
@@ -225,7 +230,7 @@ def _open_official(
         limit=limit,
         question_ids=question_ids,
     )
-    return Dataset(dataset, split, source)
+    return Dataset(dataset, split, source, data_root=Path(data_root))
 
 
 def _check_present(layout: OfficialLayout, root: Path) -> None:

@@ -12,8 +12,9 @@ for reuse, which is what jemalloc or tcmalloc (recommended by PyTorch's CPU perf
 installable from pip) give. The cost: up to ``threshold`` bytes of freed memory stay with the process
 instead of going back to the OS; peak memory is unchanged. Nothing is computed differently.
 
-Applied once per process by :func:`capvqa.engine.runtime.make_runtime` for CPU runs; set
-``CAPVQA_KEEP_HOST_MEMORY=0`` to leave the allocator alone.
+Applied once per process by :func:`capvqa.engine.runtime.make_runtime` when asked (the CLI and the
+benchmark ask for CPU runs; a library call does not change process-wide state unless it passes
+``keep_freed_host_memory=True``); set ``CAPVQA_KEEP_HOST_MEMORY=0`` to leave the allocator alone.
 """
 
 from __future__ import annotations

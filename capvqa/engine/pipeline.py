@@ -1,13 +1,19 @@
 """``Pipeline``: a loaded config plus the runner, and the run folder it writes.
 
-    from capvqa import Pipeline, open_dataset
+    from capvqa import Pipeline, RunSettings, open_dataset
     pipeline = Pipeline.from_yaml("pnp-vqa", overrides=["captioning.num_captions=20"], models="tiny")
     result = pipeline.run(open_dataset("sample", limit=8), out_dir="runs/demo")
+    # or, as `capvqa run` does, from settings (a saved run's settings fill what is not given):
+    result = pipeline.run_with(RunSettings(dataset="sample", limit=8), out_dir="runs/demo")
 
-The CLI's ``capvqa run`` is exactly this call. A run folder holds ``config.yaml`` (the resolved config,
-rerunnable with ``capvqa run runs/demo/config.yaml``), ``predictions.json`` (official results format),
-``records.jsonl`` (every intermediate per question), ``metrics.json`` (when the data is annotated) and
-``timings.json``.
+The CLI's ``capvqa run`` is exactly the second call. A run folder holds ``config.yaml`` (the resolved
+config, rerunnable with ``capvqa run runs/demo``), ``predictions.json`` (official results format),
+``records.jsonl`` (every intermediate per question), ``metrics.json`` (when the data is annotated),
+``timings.json``, ``skipped.json`` and ``status.json`` (:mod:`capvqa.engine.run_folder`).
+
+A run is a fixed sequence of steps, each a method below: check every option, resolve the config for the
+dataset, build the stages, start the run folder, run the stages (each over the whole dataset, cached),
+collect the answers, score them, write the results.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,13 +32,18 @@ import yaml
 from capvqa.atomic import atomic_open, atomic_write_text
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
-from capvqa.engine.config import PipelineSpec, build_stage_config, load_spec, resolve_task
-from capvqa.engine.registry import resolve_stage_type
+from capvqa.engine.config import PipelineSpec, build_stage_config, load_spec, parse_override, resolve_task
 from capvqa.engine.distributed import DistributedContext, Shard
 from capvqa.engine.host_memory import host_allocator
+from capvqa.engine.registry import resolve_stage_type
+from capvqa.engine.run_folder import COMPLETE, FAILED, start_run_folder, write_status
+from capvqa.engine.run_settings import RunSettings, check_batch_size
 from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats, merge_rank_stats
 from capvqa.engine.runtime import Runtime, make_runtime
+from capvqa.engine.stage import DatasetContext
 from capvqa.engine.store import CacheStore
+
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -47,22 +58,60 @@ class RunResult:
     skipped: list = field(default_factory=list)
 
 
+@dataclass
+class _Answers:
+    """What the collect step gathers while writing records.jsonl."""
+
+    predictions: dict[Any, str] = field(default_factory=dict)
+    scored_items: list[VQAItem] = field(default_factory=list)
+    num_items: int = 0
+
+
 class Pipeline:
     def __init__(self, spec: PipelineSpec) -> None:
         self.spec = spec
 
     @classmethod
     def from_yaml(
-        cls, name_or_path: str | Path, overrides: Iterable[str] = (), models: str | None = None
+        cls, name_or_path: str | Path, overrides: Iterable[str] = (), models: str | None = None, *,
+        batch_size: int | None = None,
     ) -> Pipeline:
-        """Load ``pipelines/NAME.yaml`` (or a path), apply ``key=value`` overrides and a models preset."""
-        return cls(load_spec(name_or_path, tuple(overrides), models_preset=models))
+        """Load ``pipelines/NAME.yaml``, a config path or a run folder, apply ``key=value`` overrides and
+        a models preset. ``batch_size`` sets every stage's batch size, except where an override sets a
+        stage's own."""
+        overrides = tuple(overrides)
+        spec = load_spec(name_or_path, overrides, models_preset=models)
+        if batch_size is not None:
+            check_batch_size(batch_size)
+            explicit = {parse_override(o)[0][0] for o in overrides if parse_override(o)[0][1:] == ["batch_size"]}
+            stages = tuple(s if s.name in explicit else replace(s, params={**s.params, "batch_size": batch_size})
+                           for s in spec.stages)
+            spec = replace(spec, stages=stages)
+            for stage in spec.stages:
+                build_stage_config(spec, stage)
+        return cls(spec)
+
+    # -- the config for one dataset ------------------------------------------------------------------
 
     def resolved_spec(self, items: Iterable[VQAItem] | None = None) -> PipelineSpec:
-        """The spec with ``task: auto`` resolved from the dataset's name (OK-VQA or not)."""
-        if self.spec.task != "auto":
-            return self.spec
-        return replace(self.spec, task=resolve_task("auto", getattr(items, "name", None)))
+        """The spec as it runs on ``items``: ``task: auto`` resolved from the dataset's name (OK-VQA or
+        not), and each stage's dataset-dependent settings resolved by its ``resolve_params`` hook."""
+        spec = self.spec
+        if spec.task == "auto":
+            spec = replace(spec, task=resolve_task("auto", getattr(items, "name", None)))
+        if items is None:
+            return spec
+        data_root = getattr(items, "data_root", None)
+        context = DatasetContext(spec=getattr(items, "spec", None), split=getattr(items, "split", None),
+                                 data_root=str(data_root) if data_root is not None else None)
+        stages = []
+        for stage in spec.stages:
+            hook = getattr(resolve_stage_type(stage.type), "resolve_params", None)
+            stages.append(replace(stage, params=dict(hook(dict(stage.params), context))) if callable(hook) else stage)
+        spec = replace(spec, stages=tuple(stages))
+        for stage in spec.stages:  # a hook's values are checked like any parameter
+            build_stage_config(spec, stage)
+        return spec
 
     def build_stages(self, spec: PipelineSpec | None = None, runtime: Runtime | None = None) -> list[BoundStage]:
         """Instantiate every stage (configs only; weights load lazily on the first cache miss)."""
@@ -75,6 +124,8 @@ class Pipeline:
             bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype))
         return bound
 
+    # -- running -------------------------------------------------------------------------------------
+
     def run(
         self,
         items: Iterable[VQAItem],
@@ -83,131 +134,214 @@ class Pipeline:
         cache_dir: str | Path | None = None,
         runtime: Runtime | None = None,
         progress: ProgressFactory | None = None,
-        run_settings: dict[str, Any] | None = None,
-        eval_options: dict[str, Any] | None = None,
         on_bad_image: str = "error",
+        lemmatize: str = "none",
     ) -> RunResult:
         """Run every stage over ``items`` (a re-iterable collection: a list or a capvqa Dataset; a
         one-shot iterator is materialised, since every stage passes over the items).
 
         ``on_bad_image='skip'`` leaves out items whose image is missing or cannot be decoded; they are
-        listed in ``skipped.json`` and count as missing (wrong) in the metrics.
+        listed in ``skipped.json`` and count as missing (wrong) in the metrics. ``lemmatize`` names the
+        OK-VQA prediction lemmatizer used for scoring (:mod:`capvqa.eval.lemmatize`).
         """
+        data_root = getattr(items, "data_root", None)
+        settings = RunSettings(
+            dataset=getattr(items, "spec", None), split=getattr(items, "split", None),
+            data_root=str(data_root) if data_root is not None else None,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            lemmatize=lemmatize, on_bad_image=on_bad_image,
+        )
+        return self._execute(items, settings, runtime, out_dir, progress)
+
+    def run_with(
+        self,
+        settings: RunSettings,
+        *,
+        out_dir: str | Path | None = None,
+        runtime: Runtime | None = None,
+        progress: ProgressFactory | None = None,
+        keep_freed_host_memory: bool = False,
+    ) -> RunResult:
+        """Run on the dataset ``settings`` names. Settings left at their defaults are restored from the
+        loaded config's saved ``run:`` section (a run folder's config.yaml), then every option is checked
+        before the dataset is opened or any model loads. ``keep_freed_host_memory`` tunes this process's
+        allocator for CPU runs (:mod:`capvqa.engine.host_memory`; the CLI turns it on)."""
+        settings = settings.restored_from(self.spec.run).validate()
+        if runtime is None:
+            distributed = DistributedContext.from_env()
+            runtime = make_runtime(distributed.device_request(settings.device), settings.dtype,
+                                   keep_freed_host_memory=keep_freed_host_memory)
+        return self._execute(settings.open_dataset(), settings, runtime, out_dir, progress)
+
+    def _execute(
+        self, items: Iterable[VQAItem], settings: RunSettings, runtime: Runtime | None,
+        out_dir: str | Path | None, progress: ProgressFactory | None,
+    ) -> RunResult:
         started = time.perf_counter()
+        lemmatizer = _checked_options(settings)
         if iter(items) is items:  # a generator would be used up by the first stage
             items = list(items)
-        distributed = DistributedContext.from_env()
-        distributed.init()
-        store = CacheStore(cache_dir)
-        runtime = runtime or make_runtime()
-        if runtime.cache_dir is None:
-            runtime = replace(runtime, cache_dir=store.directory)
+        runtime = runtime or make_runtime(settings.device, settings.dtype)
         spec = self.resolved_spec(items)
-        runner = PipelineRunner(self.build_stages(spec, runtime), store, runtime, progress, on_bad_image=on_bad_image)
+        with _process_group() as distributed, _open_store(settings.cache_dir) as store:
+            if runtime.cache_dir is None:
+                runtime = replace(runtime, cache_dir=store.directory)
+            runner = PipelineRunner(self.build_stages(spec, runtime), store, runtime, progress,
+                                    on_bad_image=settings.on_bad_image)
+            out = Path(out_dir) if out_dir is not None and distributed.is_main else None
+            if out is not None:
+                self._start_run_folder(out, spec, settings, runtime)
+            try:
+                stats = self._run_stages(runner, items, distributed)
+                if not distributed.is_main:
+                    return RunResult(predictions={}, metrics=None, stage_stats=stats, out_dir=None,
+                                     wall_seconds=time.perf_counter() - started)
+                answers = self._collect_answers(runner, items, spec.answer, out)
+                evaluation = self._score(answers, settings, lemmatizer)
+                wall = time.perf_counter() - started
+                if out is not None:
+                    self._write_results(out, spec, runtime, distributed, runner, answers, evaluation, stats, wall)
+            except BaseException as error:
+                if out is not None:
+                    _record_failure(out, error)
+                raise
+        return RunResult(predictions=answers.predictions, metrics=evaluation.to_json() if evaluation else None,
+                         stage_stats=stats, out_dir=out, wall_seconds=wall, skipped=list(runner.skipped.values()))
+
+    # -- the steps -----------------------------------------------------------------------------------
+
+    def _start_run_folder(self, out: Path, spec: PipelineSpec, settings: RunSettings, runtime: Runtime) -> None:
+        """Clear the folder of any earlier run's files, mark it running, save the resolved config."""
+        start_run_folder(out)
+        spec_dict = spec.to_dict()
+        spec_dict["run"] = {**settings.to_dict(), "device": str(runtime.device), "dtype": runtime.dtype_name}
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
+
+    @staticmethod
+    def _run_stages(runner: PipelineRunner, items: Iterable[VQAItem], distributed: DistributedContext) -> list[StageStats]:
+        """Each stage over this process's share of the items; under torchrun, every rank's statistics
+        and skipped items are merged on rank 0 once all ranks have finished every stage."""
         work = Shard(items, distributed.rank, distributed.world_size) if distributed.active else items
         total = len(work) if hasattr(work, "__len__") else None  # type: ignore[arg-type]
-        out = Path(out_dir) if out_dir is not None and distributed.is_main else None
-        if out is not None:
-            _prepare_out_dir(out)
-            spec_dict = spec.to_dict()
-            spec_dict["run"] = {**(run_settings or {}), "device": str(runtime.device), "dtype": runtime.dtype_name}
-            atomic_write_text(out / "config.yaml", yaml.safe_dump(spec_dict, sort_keys=False, allow_unicode=True))
-
         stats = [runner.run_stage(bound, work, total) for bound in runner.stages]
-        if distributed.active:
-            # every rank must have finished every stage before rank 0 reads all results back
-            per_rank = distributed.gather((stats, list(runner.skipped.values())))
-            distributed.barrier()
-            if not distributed.is_main:
-                store.close()
-                distributed.shutdown()
-                return RunResult(predictions={}, metrics=None, stage_stats=stats, out_dir=None,
-                                 wall_seconds=time.perf_counter() - started)
-            stats = merge_rank_stats([rank_stats for rank_stats, _ in per_rank])
-            for _, skipped in per_rank:
-                runner.skipped.update({str(s.question_id): s for s in skipped})
+        if not distributed.active:
+            return stats
+        per_rank = distributed.gather((stats, list(runner.skipped.values())))
+        distributed.barrier()  # rank 0 reads all results back only after every rank wrote them
+        for _, skipped in per_rank:
+            runner.skipped.update({str(s.question_id): s for s in skipped})
+        return merge_rank_stats([rank_stats for rank_stats, _ in per_rank])
 
-        predictions: dict[Any, str] = {}
-        scored_items: list[VQAItem] = []
-        num_items = 0
-        answer_stage = spec.answer
-        with ExitStack() as stack:
-            records_file = stack.enter_context(atomic_open(out / "records.jsonl")) if out is not None else None
+    @staticmethod
+    def _collect_answers(runner: PipelineRunner, items: Iterable[VQAItem], answer_stage: str, out: Path | None) -> _Answers:
+        """Every item's answer from the cache, in input order, and its records.jsonl line."""
+        answers = _Answers()
+        with atomic_open(out / "records.jsonl") if out is not None else _no_file() as records_file:
             for item, outputs in runner.results(items):
-                num_items += 1
+                answers.num_items += 1
+                if item.is_annotated:
+                    answers.scored_items.append(_without_image(item))
                 if outputs is None:  # skipped: no prediction, scored as missing
-                    if item.is_annotated:
-                        scored_items.append(_without_image(item))
                     continue
                 answer = outputs[answer_stage].answer
-                predictions[item.question_id] = answer
-                if item.is_annotated:
-                    scored_items.append(_without_image(item))
+                answers.predictions[item.question_id] = answer
                 if records_file is not None:
                     records_file.write(json.dumps(_record_line(item, answer, outputs), ensure_ascii=False) + "\n")
+        return answers
 
-        metrics = None
-        evaluation = None
-        if scored_items and len(scored_items) == num_items:
-            from capvqa.eval.accuracy import score_predictions
-            from capvqa.eval.lemmatize import make_lemmatizer
+    @staticmethod
+    def _score(answers: _Answers, settings: RunSettings, lemmatizer: Any) -> Any:
+        """VQA accuracy when every item is annotated (a test split has no answers), else None."""
+        if not answers.scored_items or len(answers.scored_items) != answers.num_items:
+            return None
+        from capvqa.eval.accuracy import score_predictions
 
-            options = eval_options or {}
-            evaluation = score_predictions(
-                scored_items,
-                predictions,
-                variant=options.get("variant", "official"),
-                lemmatizer=make_lemmatizer(options.get("lemmatize", "none")),
-            )
-            metrics = evaluation.to_json()
-        wall = time.perf_counter() - started
-        if out is not None:
-            from capvqa.eval.predictions import write_predictions
+        return score_predictions(answers.scored_items, answers.predictions, lemmatizer=lemmatizer)
 
-            write_predictions(out / "predictions.json", predictions)
-            skipped = [vars(s) for s in runner.skipped.values()]
-            atomic_write_text(out / "skipped.json", json.dumps(skipped, indent=2, ensure_ascii=False))
-            if metrics is not None:
-                atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-            timings = {
-                "pipeline": spec.name,
-                "device": str(runtime.device),
-                "dtype": runtime.dtype_name,
-                "host": platform.node(),
-                "host_allocator": host_allocator(),
-                "num_questions": num_items,
-                "num_predictions": len(predictions),
-                "num_skipped": len(runner.skipped),
-                "world_size": distributed.world_size,
-                "total_seconds": round(wall, 4),
-                "stages": {s.name: s.to_json() for s in stats},
-            }
-            if evaluation is not None:
-                timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
-            atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
-        store.close()
-        distributed.shutdown()
-        return RunResult(predictions=predictions, metrics=metrics, stage_stats=stats, out_dir=out, wall_seconds=wall,
-                         skipped=list(runner.skipped.values()))
+    @staticmethod
+    def _write_results(out: Path, spec: PipelineSpec, runtime: Runtime, distributed: DistributedContext,
+                       runner: PipelineRunner, answers: _Answers, evaluation: Any, stats: list[StageStats],
+                       wall: float) -> None:
+        from capvqa.eval.predictions import write_predictions
+
+        write_predictions(out / "predictions.json", answers.predictions)
+        skipped = [vars(s) for s in runner.skipped.values()]
+        atomic_write_text(out / "skipped.json", json.dumps(skipped, indent=2, ensure_ascii=False))
+        if evaluation is not None:
+            atomic_write_text(out / "metrics.json", json.dumps(evaluation.to_json(), indent=2))
+        timings = {
+            "pipeline": spec.name,
+            "device": str(runtime.device),
+            "dtype": runtime.dtype_name,
+            "host": platform.node(),
+            "host_allocator": host_allocator(),
+            "num_questions": answers.num_items,
+            "num_predictions": len(answers.predictions),
+            "num_skipped": len(runner.skipped),
+            "world_size": distributed.world_size,
+            "total_seconds": round(wall, 4),
+            "stages": {s.name: s.to_json() for s in stats},
+        }
+        if evaluation is not None:
+            timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
+        atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
+        write_status(out, COMPLETE, num_questions=answers.num_items, num_predictions=len(answers.predictions))
 
 
-def _prepare_out_dir(out: Path) -> None:
-    """Fail before any computation when the run folder cannot be written."""
-    from capvqa.errors import UserError
+def _checked_options(settings: RunSettings) -> Any:
+    """Every run option checked before any model loads (a bad --lemmatize must not cost a finished
+    stage); returns the lemmatizer, built once."""
+    from capvqa.eval.lemmatize import make_lemmatizer
 
+    settings.check_options()
+    return make_lemmatizer(settings.lemmatize)
+
+
+@contextmanager
+def _process_group() -> Iterator[DistributedContext]:
+    """The torchrun context. A process group this run creates is destroyed when it ends; one the caller
+    created is left alone."""
+    distributed = DistributedContext.from_env()
+    created = distributed.active and not _group_exists()
+    distributed.init()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".capvqa-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write the run folder {out}: {error}. Choose another --out.") from error
+        yield distributed
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _group_exists() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _open_store(cache_dir: str | Path | None) -> Iterator[CacheStore]:
+    store = CacheStore(cache_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def _no_file() -> Iterator[None]:
+    yield None
+
+
+def _record_failure(out: Path, error: BaseException) -> None:
+    """Mark the run folder failed (or interrupted), keeping the first error's message; never masks it."""
+    status = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
+    try:
+        write_status(out, status, error=f"{type(error).__name__}: {error}".strip().rstrip(":"))
+    except OSError:
+        pass
 
 
 def _without_image(item: VQAItem) -> VQAItem:
     """Scoring needs no pixels; dropping embedded image bytes keeps memory flat on HF datasets."""
-    from dataclasses import replace
-
     from capvqa.data.items import ImageRef
 
     if item.image.data is None:
@@ -231,3 +365,4 @@ def _record_line(item: VQAItem, answer: str, outputs: dict[str, Any]) -> dict[st
         line["accuracy"] = round(100 * question_accuracy(answer, item.answers), 2)
     line["stages"] = {name: record_to_json(record) for name, record in outputs.items()}
     return line
+

@@ -55,12 +55,24 @@ def resolve_dtype(device: torch.device, requested: str | None = None) -> torch.d
     return torch.float32
 
 
-def make_runtime(device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None) -> Runtime:
-    """The run's device and dtype. On CPU this also tunes the process's allocator once
-    (:mod:`capvqa.engine.host_memory`: large tensors reuse freed memory instead of fresh pages)."""
-    resolved = resolve_device(device)
-    if resolved.type == "cpu":
-        from capvqa.engine.host_memory import keep_freed_host_memory
+def check_device_and_dtype(device: str | None, dtype: str | None) -> None:
+    """Raise :class:`ConfigError` for a device or dtype that cannot be used here (nothing is allocated)."""
+    resolve_dtype(resolve_device(device), dtype)
 
-        keep_freed_host_memory()
+
+def make_runtime(
+    device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None, *,
+    keep_freed_host_memory: bool = False,
+) -> Runtime:
+    """The run's device and dtype.
+
+    ``keep_freed_host_memory=True`` also tunes this process's allocator for CPU runs
+    (:mod:`capvqa.engine.host_memory`: large tensors reuse freed memory instead of fresh pages). It
+    changes process-wide state, so library callers opt in; the CLI does by default.
+    """
+    resolved = resolve_device(device)
+    if keep_freed_host_memory and resolved.type == "cpu":
+        from capvqa.engine.host_memory import keep_freed_host_memory as tune_allocator
+
+        tune_allocator()
     return Runtime(device=resolved, dtype=resolve_dtype(resolved, dtype), cache_dir=cache_dir)

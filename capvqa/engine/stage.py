@@ -2,7 +2,9 @@
 
 A stage is a frozen dataclass config plus a class with ``setup(runtime)`` (load weights once),
 ``run(batch)`` (one output record per input, aligned) and ``cleanup()``. The engine (``runner.py``)
-owns caching, batching, ordering and progress; stages only compute.
+owns caching, batching, ordering and progress; stages only compute. :class:`Stage` states the whole
+contract; :func:`capvqa.engine.registry.check_stage_class` checks it for every class a config names,
+and a test checks it for every ``type:`` in ``pipelines/``.
 """
 
 from __future__ import annotations
@@ -45,22 +47,50 @@ class StageInput:
     upstream: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DatasetContext:
+    """The dataset a pipeline runs on, as a stage's :meth:`Stage.resolve_params` sees it.
+
+    ``spec`` is the ``open_dataset`` spec string ("sample", "okvqa", "hf:NAME", a folder path);
+    ``data_root`` the root of official files, when one was given.
+    """
+
+    spec: str | None = None
+    split: str | None = None
+    data_root: str | None = None
+
+
 @runtime_checkable
 class Stage(Protocol):
     """What the engine needs from a stage.
 
-    Class attributes: ``NAME`` (the cache namespace, shared by every pipeline that uses the stage),
-    ``VERSION`` (bump to invalidate old cache entries on purpose), ``INPUTS`` (names of the upstream
-    results ``run`` reads from ``StageInput.upstream``), ``Output`` (the record dataclass) and
-    ``MODEL_FIELDS`` (config fields that hold model ids; their resolved revisions enter the cache key).
-    Every config has a non-semantic ``batch_size``. A stage may define ``cost(input) -> int``; the engine
-    then runs the longest items first, so padding is small and an out-of-memory error shows at once.
+    Class attributes:
+
+    - ``NAME``: the cache namespace, shared by every pipeline that uses the stage;
+    - ``VERSION``: bump to invalidate old cache entries on purpose;
+    - ``INPUTS``: names of the upstream results ``run`` reads from ``StageInput.upstream``;
+    - ``MODEL_FIELDS``: config fields that hold model ids (their resolved revisions enter the cache key);
+    - ``Config``: a *frozen* dataclass of every setting; its semantic fields form the cache key, so it
+      must not change after construction. It has a non-semantic ``batch_size`` (:func:`non_semantic`);
+    - ``Output``: the dataclass ``run`` returns per item. The stage a pipeline names as its ``answer``
+      must have ``answer: str`` in its Output.
+
+    Optional:
+
+    - ``cost(input) -> int``: the engine then runs the longest items first, so padding is small and an
+      out-of-memory error shows at once;
+    - ``model_fingerprints() -> dict[str, str]``: what identifies the stage's models (and any other
+      dataset-level state it reads) in the cache key, when ``MODEL_FIELDS`` alone does not say it;
+    - classmethod ``resolve_params(params, dataset: DatasetContext) -> params``: settings that depend on
+      the run's dataset, resolved to concrete values before the config is built (and so recorded in the
+      run's ``config.yaml``).
     """
 
     NAME: ClassVar[str]
     VERSION: ClassVar[str]
     INPUTS: ClassVar[tuple[str, ...]]
     MODEL_FIELDS: ClassVar[tuple[str, ...]]
+    Config: ClassVar[type]
     Output: ClassVar[type]
     config: Any
 

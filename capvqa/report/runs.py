@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-RUN_FILES = ("config.yaml", "records.jsonl", "metrics.json", "timings.json", "predictions.json")
+from capvqa.engine.run_folder import COMPLETE, STATUS_FILE, read_status
+
+RUN_FILES = ("config.yaml", "records.jsonl", "metrics.json", "timings.json", "predictions.json", STATUS_FILE)
 _STAGES_MARKER = ', "stages": '
 OFFSET_KEY = "_offset"
 
@@ -43,6 +45,7 @@ class RunFolder:
     timings: dict[str, Any] | None
     records: list[dict[str, Any]]
     problems: list[str] = field(default_factory=list)
+    status: str = "complete"  # or running / failed / interrupted (status.json); older folders: complete
 
     @property
     def run_settings(self) -> dict[str, Any]:
@@ -108,6 +111,15 @@ def load_run(path: str | Path, label: str | None = None) -> RunFolder:
         raise FileNotFoundError(f"{path} holds none of {', '.join(RUN_FILES)}: not a run folder")
     problems: list[str] = []
     config = _read_yaml(path / "config.yaml", problems) or {}
+    status = read_status(path) or {"status": COMPLETE}
+    if status.get("status") != COMPLETE:
+        # an unfinished run's files are partial: show why instead of numbers
+        error = f": {status['error']}" if status.get("error") else ""
+        problems.append(f"this run is {status.get('status')}{error} (status.json, {status.get('time', '?')}); "
+                        "no results are shown. Rerun it with: capvqa run " + str(path))
+        return RunFolder(path=path, label=label or path.resolve().name,
+                         config=config if isinstance(config, dict) else {}, metrics=None, timings=None,
+                         records=[], problems=problems, status=str(status.get("status")))
     metrics = _read_json(path / "metrics.json", problems, required=False)
     timings = _read_json(path / "timings.json", problems, required=False)
     records = read_light_records(path / "records.jsonl", problems)
