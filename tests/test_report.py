@@ -466,6 +466,42 @@ def test_md_cell_escapes_table_breakers() -> None:
     assert md_cell("a|b\nc <x>") == "a\\|b c &lt;x&gt;"
 
 
+# every character a question may carry that HTML forbids (C0 but tab/newline/CR, DEL, C1) or UTF-8 cannot encode
+CONTROL_QUESTION = "what\x00is\x01this\x08\x0b\x0c\x1b[31m\x7f\x85\x9f\ud800 thing?\tok"
+INVALID_IN_DOCUMENTS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def test_clean_text_shows_controls_as_visible_stand_ins() -> None:
+    from capvqa.report.htmlkit import clean_text
+
+    assert clean_text("a\x00b\x1bc\x7fd\x85e\ud800f\tg\nh\ri") == "a\u2400b\u241bc\u2421d\ufffde\ufffdf\tg\nh\ri"
+    assert clean_text("plain") == "plain"
+    assert escape("<\x00>") == "&lt;\u2400&gt;" and tag("p", {"title": "\x01"}) == '<p title="\u2401"></p>'
+    assert json.loads(script_json({"q": "\x00\x85"})) == {"q": "\x00\ufffd"}  # JSON escapes C0 itself
+    assert md_cell("a\x00b\x1fc") == "a\u2400b\u241fc"  # \x1f is whitespace to str.split: kept visible
+
+
+def test_report_with_control_characters_in_questions_is_valid_html_and_text(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "controls", question_ids=[1000, 1001])
+    records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+    for record in records:
+        record["question"] = record["stages"]["matching"]["matching_text"] = CONTROL_QUESTION
+        record["answer"] = "no\x00pe"
+    # ensure_ascii keeps the lone surrogate writable; json.loads gives it back as it would from any JSON file
+    (run_dir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    html_path, md_path = tmp_path / "c.html", tmp_path / "c.md"
+    build_report([run_dir], html_path=html_path, markdown_path=md_path, labels=["label\x00\x1b"],
+                 thumbnails=False)
+    text = html_path.read_bytes().decode("utf-8")  # strict: a lone surrogate could not have been written
+    assert not INVALID_IN_DOCUMENTS.search(text)
+    assert "what\u2400is\u2401this" in text and "no\u2400pe" in text and "label\u2400\u241b" in text
+    checker = _TagBalance()
+    checker.feed(text)
+    assert checker.errors == [] and checker.stack == []
+    markdown = md_path.read_bytes().decode("utf-8")
+    assert not INVALID_IN_DOCUMENTS.search(markdown) and "label\u2400\u241b" in markdown
+
+
 # ----------------------------------------------------------------------------------------------------
 # CLI
 

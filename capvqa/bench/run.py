@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from capvqa.errors import ConfigError
+from capvqa.synthetic.bench_models import UNIFIEDQA_SIZES
 
 if TYPE_CHECKING:
     from capvqa.bench.work import WorkCounter
@@ -30,6 +31,38 @@ QUESTIONS = [
     "what is on the plate next to the cup?",
     "why is the street wet in this picture?",
 ]
+
+
+# the pipelines bench can measure at real size: PNP-VQA at each reader size there is an architecture for
+# (``pnp-vqa`` itself is the base configuration); the pipeline name fixes the size where it names one
+BENCH_PIPELINES: dict[str, str | None] = {"pnp-vqa": None, **{f"pnp-vqa-{size}": size for size in UNIFIEDQA_SIZES}}
+DEFAULT_SIZE = "base"
+
+
+def resolve_bench_config(pipeline: str, size: str | None = None) -> tuple[str, str]:
+    """``(config name, reader size)`` that ``capvqa bench PIPELINE [--size SIZE]`` measures.
+
+    ``pnp-vqa-large`` means size large; ``--size`` may repeat it but not contradict it; ``pnp-vqa`` takes
+    ``--size`` (default base). Other pipelines are refused: bench builds real-size models for PNP-VQA only.
+    """
+    if pipeline not in BENCH_PIPELINES:
+        raise ConfigError(f"capvqa bench cannot measure {pipeline!r}: it builds real-size models for PNP-VQA "
+                          f"only; give one of {', '.join(BENCH_PIPELINES)}")
+    if size is not None and size not in UNIFIEDQA_SIZES:
+        raise ConfigError(f"unknown --size {size!r}; valid: {', '.join(UNIFIEDQA_SIZES)}")
+    implied = BENCH_PIPELINES[pipeline]
+    if implied is not None and size is not None and size != implied:
+        raise ConfigError(f"{pipeline} is the {implied} size but --size {size} was given; drop --size, or "
+                          f"bench pnp-vqa-{size} (or pnp-vqa --size {size})")
+    chosen = implied or size or DEFAULT_SIZE
+    return f"pnp-vqa-{chosen}", chosen
+
+
+def check_bench_counts(**counts: int | None) -> None:
+    """Refuse a count below 1 (``questions=0`` ...) before anything is built; ``None`` means not given."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def synthetic_dataset(folder: Path, questions: int, seed: int = 0) -> Path:
@@ -52,7 +85,7 @@ def synthetic_dataset(folder: Path, questions: int, seed: int = 0) -> Path:
 def run_benchmark(
     pipeline: str = "pnp-vqa",
     *,
-    size: str = "base",
+    size: str | None = None,
     models: str = "random",
     questions: int = 4,
     batch_size: int = 4,
@@ -70,9 +103,18 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Measure every stage; returns the JSON-ready result (see ``capvqa bench --help``).
 
+    ``pipeline`` and ``size`` are resolved by :func:`resolve_bench_config`; every setting is checked
+    before any model is built or loaded.
+
     ``roofline``: afterwards, run the same questions again, untimed, counting each stage's FLOPs and
     operand bytes (``capvqa.bench.work``), and relate them to the device's peaks (``capvqa.bench.peaks``).
     """
+    config_name, size = resolve_bench_config(pipeline, size)
+    check_bench_counts(questions=questions, batch_size=batch_size, num_captions=num_captions,
+                       num_patches=num_patches, caption_tokens=caption_tokens, answer_tokens=answer_tokens,
+                       threads=threads)
+    if models not in ("random", "tiny"):
+        raise ConfigError(f"models must be 'random' (real sizes, random weights) or 'tiny', got {models!r}")
     import torch
 
     from capvqa.bench.memory import PeakMemory
@@ -85,11 +127,8 @@ def run_benchmark(
     from capvqa.engine.store import CacheStore
 
     check_given_peaks(peak_tflops, peak_bandwidth_gbs)
-    if not pipeline.startswith("pnp-vqa"):
-        raise ConfigError("capvqa bench measures the PNP-VQA pipelines (pnp-vqa, pnp-vqa-base/-large/-3b)")
     if threads:
         torch.set_num_threads(threads)
-    config_name = f"pnp-vqa-{size}"
     overrides = [
         f"captioning.num_captions={num_captions}",
         f"captioning.num_patches={num_patches}",
@@ -105,12 +144,10 @@ def run_benchmark(
         built = ensure_pnp_vqa_models(size)
         overrides += [f"models.{role}={path}" for role, path in built.items()]
         spec_models = None
-    elif models == "tiny":
-        spec_models = "tiny"
     else:
-        raise ConfigError(f"models must be 'random' (real sizes, random weights) or 'tiny', got {models!r}")
+        spec_models = "tiny"
     pipe = Pipeline.from_yaml(config_name, overrides, models=spec_models)
-    runtime = make_runtime(device, dtype)
+    runtime = make_runtime(device, dtype, keep_freed_host_memory=True)  # as `capvqa run` does
 
     with tempfile.TemporaryDirectory(prefix="capvqa-bench-") as scratch:
         scratch_dir = Path(scratch)
@@ -165,7 +202,7 @@ def run_benchmark(
         "device": str(runtime.device) + (f" ({torch.cuda.get_device_name(runtime.device)})"
                                          if runtime.device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
         "settings": {
-            "pipeline": config_name, "models": models, "questions": questions, "batch_size": batch_size,
+            "pipeline": config_name, "size": size, "models": models, "questions": questions, "batch_size": batch_size,
             "dtype": runtime.dtype_name, "threads": torch.get_num_threads(), "host_allocator": host_allocator(), "num_captions": num_captions,
             "num_patches": num_patches, "caption_new_tokens": caption_tokens, "answer_tokens": answer_tokens,
         },

@@ -8,12 +8,12 @@ from typing import Annotated, Any
 
 import typer
 
-from capvqa.cli.console import console, err_console
+from capvqa.cli.console import check_output_file, console, print_text, print_warning, write_output_file
 
 
 def bench(
-    pipeline: Annotated[str, typer.Argument(help="pnp-vqa (the configs pnp-vqa-SIZE are used).")] = "pnp-vqa",
-    size: Annotated[str, typer.Option(help="base | large | 3b (the UnifiedQA reader).")] = "base",
+    pipeline: Annotated[str, typer.Argument(help="pnp-vqa (size from --size) or pnp-vqa-base | pnp-vqa-large | pnp-vqa-3b (that size).")] = "pnp-vqa",
+    size: Annotated[str | None, typer.Option(help="base | large | 3b (the UnifiedQA reader); default: the pipeline's size, base for pnp-vqa.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architectures and vocabulary sizes with random weights (no download).")] = False,
     models: Annotated[str | None, typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
     questions: Annotated[int, typer.Option(help="Synthetic questions (one image each).")] = 4,
@@ -32,16 +32,27 @@ def bench(
 ) -> None:
     """Measure each stage of PNP-VQA on synthetic images with forced generation lengths. Random weights
     measure cost only, never accuracy."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from capvqa.bench.run import run_benchmark
+    from capvqa.bench.run import check_bench_counts, resolve_bench_config, run_benchmark
     from capvqa.cli.progress import stage_progress
     from capvqa.errors import ConfigError
 
+    # every setting is checked here, before transformers loads or a model is built (run_benchmark checks
+    # them again for library callers)
     if random_weights == (models is not None):
         raise ConfigError("give exactly one of --random-weights (real sizes) or --models tiny")
+    if models not in (None, "tiny"):
+        raise ConfigError(f"--models {models!r}: only 'tiny' is measured (or --random-weights for real sizes)")
+    resolve_bench_config(pipeline, size)
+    check_bench_counts(questions=questions, batch_size=batch_size, num_captions=num_captions,
+                       num_patches=num_patches, caption_tokens=caption_tokens, answer_tokens=answer_tokens,
+                       threads=threads)
     if (peak_tflops is not None or peak_bandwidth_gbs is not None) and not roofline:
         raise ConfigError("--peak-tflops and --peak-bandwidth-gbs are used by --roofline; add --roofline")
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -52,7 +63,7 @@ def bench(
             caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, roofline=roofline,
             peak_tflops=peak_tflops, peak_bandwidth_gbs=peak_bandwidth_gbs, progress=progress,
         )
-    table = Table(title=f"{result['settings']['pipeline']} on {result['device']}, {result['settings']['dtype']}, "
+    table = Table(title=f"{result['settings']['pipeline']} on {escape(result['device'])}, {result['settings']['dtype']}, "
                         f"{questions} questions, batch {batch_size}")
     for column in ("stage", "s / question", "tokens / s", "peak memory", "model load s"):
         table.add_column(column, justify="left" if column == "stage" else "right")
@@ -66,13 +77,12 @@ def bench(
     if "device_peaks" in result:
         console.print(roofline_table(result))
         if not result["counted_same_captions"]:
-            err_console.print("[yellow]the counting pass drew other captions than the timed run (nondeterministic "
-                              "kernels): its work figures are close to the timed run's, not equal[/]")
-    err_console.print(f"[yellow]{result['note']}[/]")
+            print_warning("the counting pass drew other captions than the timed run (nondeterministic "
+                          "kernels): its work figures are close to the timed run's, not equal")
+    print_warning(result["note"])
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
-        console.print(f"written to {json_out}")
+        write_output_file(json_out, json.dumps(result, indent=2), "--json")
+        print_text(f"written to {json_out}")
 
 
 def roofline_table(result: dict) -> Any:

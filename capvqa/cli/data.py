@@ -6,6 +6,7 @@ A thin layer over :mod:`capvqa.data.download`; that module is imported inside ea
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -34,14 +35,16 @@ def download(
     ] = False,
 ) -> None:
     """Download, verify (size, sha256) and extract a dataset; resumes interrupted downloads."""
-    from capvqa.cli.console import console, err_console
-    from capvqa.data.download import download_target
+    from capvqa.cli.console import command_line, err_console, on_interrupt, print_text
+    from capvqa.data.download import DOWNLOADS_DIR, download_target
 
+    on_interrupt(f"interrupted: finished archives are kept under {root} and a partial download in "
+                 f"{root / DOWNLOADS_DIR}; rerun the same command to resume: {shlex.join(command_line())}")
     reports = download_target(
         target, root, force=force, mirror=mirror, delete_archives=delete_archives, console=err_console
     )
     fetched = sum(not report.skipped for report in reports)
-    console.print(
+    print_text(
         f"{target}: {fetched} archive(s) downloaded and extracted, "
         f"{len(reports) - fetched} already done, under {root}"
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from capvqa.cli.console import console
+from capvqa.cli.console import check_output_file, console, print_text, write_output_file
 
 
 def evaluate(
@@ -24,6 +24,7 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics JSON here.")] = None,
 ) -> None:
     """Score PREDICTIONS: overall, per answer type, per question type and per question (x100, 2 decimals)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from capvqa.errors import UserError
@@ -31,6 +32,8 @@ def evaluate(
     from capvqa.eval.lemmatize import make_lemmatizer
     from capvqa.eval.predictions import load_predictions
 
+    if json_out is not None:
+        check_output_file(json_out, "--json")  # before the work, not after it
     items = _load_items(questions, annotations, dataset, split, data_root)
     answers = load_predictions(predictions)
     if only_predicted:
@@ -45,16 +48,15 @@ def evaluate(
     table.add_column("accuracy", justify="right")
     table.add_row("[bold]overall[/]", f"[bold]{result.overall:.2f}[/]")
     for name, value in sorted(result.per_answer_type.items()):
-        table.add_row(f"answer type: {name}", f"{value:.2f}")
+        table.add_row(f"answer type: {escape(name)}", f"{value:.2f}")  # type names come from the data
     for name, value in sorted(result.per_question_type.items()):
-        table.add_row(f"question type: {name}", f"{value:.2f}")
+        table.add_row(f"question type: {escape(name)}", f"{value:.2f}")
     console.print(table)
-    console.print(f"{result.num_questions} questions scored, {len(result.missing)} without a prediction "
-                  "(counted as wrong)" + (f": {list(result.missing)[:10]}" if result.missing else ""))
+    print_text(f"{result.num_questions} questions scored, {len(result.missing)} without a prediction "
+               "(counted as wrong)" + (f": {list(result.missing)[:10]}" if result.missing else ""))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result.to_json(), indent=2))
-        console.print(f"metrics written to {json_out}")
+        write_output_file(json_out, json.dumps(result.to_json(), indent=2), "--json")
+        print_text(f"metrics written to {json_out}")
 
 
 def _load_items(questions, annotations, dataset, split, data_root):

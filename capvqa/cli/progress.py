@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,4 +51,5 @@ def stage_progress(enabled: bool = True) -> Iterator[Any]:
         _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
     )
     with progress:
-        yield lambda name, total: _StageBar(progress, progress.add_task(name, total=total))
+        # the description is read as markup by the column: a stage named "[x]" must show as written
+        yield lambda name, total: _StageBar(progress, progress.add_task(escape(name), total=total))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from capvqa.cli.console import console
+from capvqa.cli.console import check_output_file, print_text, print_warning
 
 
 def report(
@@ -27,14 +27,20 @@ def report(
 
     if label and len(label) != len(run_dirs):
         raise UserError(f"--label given {len(label)} times for {len(run_dirs)} run folders")
+    check_output_file(out, "--out")
+    if markdown is not None:
+        check_output_file(markdown, "--markdown")
     try:
         data = build_report(run_dirs, html_path=out, markdown_path=markdown, labels=label,
                             gallery_limit=gallery, thumbnails=thumbnails, title=title)
     except FileNotFoundError as error:
         raise UserError(str(error)) from error
+    except OSError as error:  # writing the report: full disk, permissions changed during the run
+        raise UserError(f"cannot write the report: {error.strerror or error} ({error.filename}); "
+                        "give --out / --markdown paths in a writable folder") from error
     for view in data.runs:
         overall = "n/a" if view.scores.overall is None else f"{view.scores.overall:.2f}"
-        console.print(f"{view.label}: VQA accuracy {overall}; published: {view.published.describe()}")
+        print_text(f"{view.label}: VQA accuracy {overall}; published: {view.published.describe()}")
     for note in data.notes:
-        console.print(f"[yellow]{note}[/]")
-    console.print(f"report written to {out}" + (f" and {markdown}" if markdown else ""))
+        print_warning(note)
+    print_text(f"report written to {out}" + (f" and {markdown}" if markdown else ""))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from capvqa.cli.console import console, err_console
+from capvqa.cli.console import console, note_resumable_run, print_text, print_warning
 
 
 def run(
@@ -53,10 +53,9 @@ def run(
     pipe = Pipeline.from_yaml(pipeline, overrides=overrides, models=models, batch_size=batch_size)
     settings = explicit.restored_from(pipe.spec.run).validate()
     if pipe.spec.models_preset == "tiny":
-        err_console.print(
-            "[yellow]--models tiny: random-weight tiny models. The answers and accuracy are meaningless; "
-            "this run only exercises the pipeline end to end.[/]"
-        )
+        print_warning("--models tiny: random-weight tiny models. The answers and accuracy are meaningless; "
+                      "this run only exercises the pipeline end to end.")
+    note_resumable_run(settings.cache_dir)  # what Ctrl-C says: finished batches are kept, how to resume
     out_dir = out or Path("runs") / f"{pipe.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     is_main = DistributedContext.from_env().is_main
     with stage_progress(enabled=not quiet and is_main) as progress:
@@ -75,24 +74,25 @@ def _write_reports(out_dir: Path) -> None:
     try:
         write_run_reports(out_dir)
     except Exception as error:  # noqa: BLE001 - reported, and `capvqa report` can redo it
-        err_console.print(f"[yellow]could not write the report ({error}); the run's files are complete. "
-                          f"Retry with: capvqa report {out_dir} --out {out_dir}/report.html[/]")
+        print_warning(f"could not write the report ({error}); the run's files are complete. "
+                      f"Retry with: capvqa report {out_dir} --out {out_dir}/report.html")
 
 
 def _print_summary(result, name: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{name}: {len(result.predictions)} questions in {result.wall_seconds:.1f}s")
+    table = Table(title=f"{escape(name)}: {len(result.predictions)} questions in {result.wall_seconds:.1f}s")
     for column in ("stage", "computed", "cached", "s / computed item", "wall s"):
         table.add_column(column, justify="right" if column != "stage" else "left")
     for stats in result.stage_stats:
         per = f"{stats.compute_seconds / stats.computed:.3f}" if stats.computed else "-"
-        table.add_row(stats.name, str(stats.computed), str(stats.cached), per, f"{stats.wall_seconds:.1f}")
+        table.add_row(escape(stats.name), str(stats.computed), str(stats.cached), per, f"{stats.wall_seconds:.1f}")
     console.print(table)
     if result.metrics is not None:
         console.print(f"VQA accuracy: [bold]{result.metrics['overall']:.2f}[/] over {result.metrics['num_questions']} questions"
                       + (f" ({len(result.metrics['missing'])} missing)" if result.metrics["missing"] else ""))
     if result.skipped:
-        err_console.print(f"[yellow]{len(result.skipped)} question(s) skipped for bad images (listed in "
-                          "skipped.json, counted as missing)[/]")
-    console.print(f"run folder: {result.out_dir}")
+        print_warning(f"{len(result.skipped)} question(s) skipped for bad images (listed in skipped.json, "
+                      "counted as missing)")
+    print_text(f"run folder: {result.out_dir}")

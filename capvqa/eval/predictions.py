@@ -58,16 +58,16 @@ def _check_record(record: Any, index: int, source: str) -> tuple[QuestionId, str
     question_id, answer = record["question_id"], record["answer"]
     # bool is an int subclass in Python; a true/false id is always a bug upstream.
     if isinstance(question_id, bool) or not isinstance(question_id, (int, str)):
-        raise DataError(
-            f"{where}: 'question_id' must be an integer or a string, "
-            f"got {_json_type(question_id)} {question_id!r}"
-        )
+        raise DataError(f"{where}: 'question_id' {_got(question_id, 'an integer or a string')}")
     if not isinstance(answer, str):
-        raise DataError(
-            f"{where} (question_id {question_id!r}): 'answer' must be a string, "
-            f"got {_json_type(answer)} {answer!r}"
-        )
+        raise DataError(f"{where} (question_id {question_id!r}): 'answer' {_got(answer, 'a string')}")
     return question_id, answer
+
+
+def _got(value: Any, expected: str) -> str:
+    """``must be a string, got null`` / ``must be a string, got number 3`` (null has nothing more to show)."""
+    shown = "" if value is None else f" {value!r}"
+    return f"must be {expected}, got {_json_type(value)}{shown}"
 
 
 def _json_type(value: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from capvqa.report.htmlkit import clean_text
 from capvqa.report.model import ReportData
 from capvqa.report.summary import format_config_value, format_delta, format_number
 
@@ -13,8 +14,8 @@ MAX_MD_QUESTION_TYPES = 12
 
 def md_cell(value: object) -> str:
     """Escape what would break a table cell or render as markup: pipes, backslashes, newlines, ``<``/``>``
-    (GitHub renders inline HTML) and backticks."""
-    text = "" if value is None else str(value)
+    (GitHub renders inline HTML) and backticks; control characters show as visible stand-ins."""
+    text = "" if value is None else clean_text(str(value))
     text = text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return " ".join(text.split())
