@@ -1,5 +1,7 @@
 """Pipeline configs: loading, extends, overrides, validation without loading models."""
 
+import re
+
 import pytest
 
 from capvqa.engine.config import available_pipelines, load_spec
@@ -100,3 +102,168 @@ def test_saved_tiny_config_re_resolves_the_zoo(tmp_path, tiny_zoo):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert load_spec(path).models["itm"] == str(tiny_zoo["itm"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Each setting stated once
+
+
+def test_img2llm_prompt_budget_is_the_llm_stage_settings():
+    from capvqa.engine.config import build_stage_config
+
+    spec = load_spec("img2llm", ["llm.max_new_tokens=30", "llm.context_length=1024", "llm.revision=abc123",
+                                 "models.llm=/my/llm"])
+    prompt = build_stage_config(spec, spec.stage("prompt"))
+    assert (prompt.llm, prompt.revision, prompt.context_length, prompt.reserve_tokens) == (
+        "/my/llm", "abc123", 1024, 30)
+    with pytest.raises(ConfigError, match=r"llm\.max_new_tokens"):
+        load_spec("img2llm", ["prompt.reserve_tokens=5"])
+    with pytest.raises(ConfigError, match=r"llm\.context_length"):
+        load_spec("img2llm", ["prompt.context_length=5"])
+    with pytest.raises(ConfigError, match="valid keys") as error:
+        load_spec("img2llm", ["prompt.nope=1"])
+    assert "prompt.reserve_tokens" not in str(error.value) and "prompt.variant" in str(error.value)
+
+
+def test_a_config_file_cannot_restate_the_llm_budget_on_the_prompt(tmp_path):
+    import yaml
+
+    data = load_spec("img2llm").to_dict()
+    data["stages"]["prompt"]["reserve_tokens"] = 10
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"config.yaml.*reserve_tokens.*llm\.max_new_tokens"):
+        load_spec(path)
+
+
+def test_pnp_and_img2llm_stage_configs_keep_their_cache_key_fields():
+    """The semantic config is what the cache key hashes: moving the budget to the LLM stage must leave the
+    shipped pipelines' prompt config (and so their cached prompts) as they were."""
+    from capvqa.engine.config import build_stage_config
+    from capvqa.engine.stage import semantic_config
+
+    spec = load_spec("img2llm")
+    assert semantic_config(build_stage_config(spec, spec.stage("prompt"))) == {
+        "llm": "facebook/opt-6.7b", "revision": None, "variant": "paper", "num_context_captions": 30,
+        "max_answer_words": 5, "task": "vqav2", "context_length": None, "reserve_tokens": 10,
+    }
+
+
+def test_a_saved_config_binding_the_prompt_to_a_model_role_still_loads_and_must_agree(tmp_path):
+    """Run folders written before the prompt took its tokenizer from the LLM stage bind it to a role."""
+    import yaml
+
+    from capvqa.engine.config import build_stage_config
+
+    data = load_spec("img2llm").to_dict()
+    data["stages"]["prompt"]["models"] = {"llm": "llm"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_spec(path)
+    assert build_stage_config(spec, spec.stage("prompt")).llm == "facebook/opt-6.7b"
+
+    data["models"]["tokenizer"] = "facebook/opt-125m"
+    data["stages"]["prompt"]["models"] = {"llm": "tokenizer"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"models\.tokenizer.*llm\.model"):
+        load_spec(path)
+
+
+def test_task_is_one_list_and_the_pipeline_s_alone():
+    from capvqa.engine.config import PIPELINE_TASKS, TASKS, build_stage_config
+    from capvqa.stages.img2llm_prompt import YES_NO_TASKS, Img2LLMPromptConfig
+    from capvqa.stages.llm_answer import LLMAnswerConfig
+
+    assert PIPELINE_TASKS == ("auto", *TASKS) and set(YES_NO_TASKS) <= set(TASKS)
+    for make in (lambda: load_spec("img2llm", ["task=aokvqa"]), lambda: LLMAnswerConfig(task="aokvqa"),
+                 lambda: Img2LLMPromptConfig(task="aokvqa")):
+        with pytest.raises(ConfigError, match="task") as error:
+            make()
+        assert all(repr(task) in str(error.value) for task in TASKS) and "'aokvqa'" in str(error.value)
+    with pytest.raises(ConfigError, match=r"set once for every stage.*--set task="):
+        load_spec("img2llm", ["llm.task=okvqa"])
+    spec = load_spec("img2llm", ["task=okvqa"])
+    assert {build_stage_config(spec, spec.stage(name)).task for name in ("prompt", "llm")} == {"okvqa"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checked together when the config loads
+
+
+def write_config(tmp_path, data, name="config.yaml"):
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_an_input_lacking_the_fields_a_stage_reads_is_rejected_at_load(tmp_path):
+    data = load_spec("pica").to_dict()
+    data["stages"]["llm"]["inputs"] = {"prompt": "caption"}  # a caption record has no prompts
+    with pytest.raises(ConfigError, match=r"stage 'llm'.*'caption'.*prompts"):
+        load_spec(write_config(tmp_path, data))
+
+
+def test_img2llm_prompt_must_read_the_captions_its_answers_point_into(tmp_path):
+    data = load_spec("img2llm").to_dict()
+    data["stages"]["prompt"]["inputs"]["captions"] = "captioning"  # answers index caption_filter's list
+    with pytest.raises(ConfigError, match=r"stage 'prompt'.*caption_filter"):
+        load_spec(write_config(tmp_path, data))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader reliability
+
+
+@pytest.mark.parametrize("value", ["abc", "1.9", "true", "[1]"])
+def test_seed_override_must_be_a_whole_number(value):
+    with pytest.raises(ConfigError, match=rf"seed={re.escape(value)}.*seed must be a whole number"):
+        load_spec("pnp-vqa", [f"seed={value}"])
+    assert load_spec("pnp-vqa", ["seed=7"]).seed == 7
+
+
+def test_seed_in_a_config_file_must_be_a_whole_number(tmp_path):
+    data = load_spec("pnp-vqa").to_dict()
+    data["seed"] = 1.9
+    with pytest.raises(ConfigError, match=r"config.yaml: seed must be a whole number.*1\.9"):
+        load_spec(write_config(tmp_path, data))
+
+
+def test_malformed_yaml_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nstages:\n  a: {type: b\n  c: d\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: malformed YAML at line \d+, column \d+"):
+        load_spec(path)
+
+
+def test_a_run_folder_means_its_config_yaml(tmp_path, monkeypatch):
+    from capvqa.engine.config import locate_config
+
+    spec = load_spec("pnp-vqa", ["captioning.num_captions=3"])
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    write_config(run, spec.to_dict())
+    assert locate_config(run) == run / "config.yaml"
+    assert load_spec(str(run)).to_dict() == spec.to_dict()
+
+    empty = tmp_path / "runs" / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"empty is a folder without config\.yaml"):
+        load_spec(empty)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pnp-vqa").mkdir()  # a folder sharing a pipeline's name does not hide the pipeline
+    assert load_spec("pnp-vqa").name == "pnp-vqa"
+
+
+def test_models_must_be_a_mapping_of_ids(tmp_path):
+    data = load_spec("pnp-vqa").to_dict()
+    data["models"]["reader"] = None
+    with pytest.raises(ConfigError, match=r"models\.reader must be a model id"):
+        load_spec(write_config(tmp_path, data))
+
+
+def test_resolved_img2llm_config_round_trips(tmp_path):
+    spec = load_spec("img2llm", ["llm.max_new_tokens=30", "task=okvqa"])
+    again = load_spec(write_config(tmp_path, spec.to_dict()))
+    assert again.to_dict() == spec.to_dict()

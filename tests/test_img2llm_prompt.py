@@ -129,11 +129,37 @@ def test_context_length_from_config_or_tokenizer():
     assert context_length_of(Tok(), None) is None
 
 
+def test_prompt_context_length_never_exceeds_what_the_llm_backend_allows():
+    """The prompt is fitted to a context the answer stage's backend respects, whatever the LM kind: a
+    config that states its positions as ``n_ctx`` or in a text sub-config counts on both sides."""
+    from types import SimpleNamespace as Config
+
+    from capvqa.llm.huggingface import default_context_length
+
+    class Multimodal:
+        def get_text_config(self):
+            return Config(max_position_embeddings=512)
+
+    cases = [(Config(max_position_embeddings=2048), int(1e30)), (Config(n_ctx=256), 1024),
+             (Config(n_positions=1024, n_ctx=512), None), (Config(), 1024), (Multimodal(), None),
+             (Config(seq_length=4096, max_position_embeddings=8192), 2048)]
+    for model_config, tokenizer_max in cases:
+        fitted = context_length_of(Config(model_max_length=tokenizer_max), model_config)
+        for kind in ("causal", "seq2seq"):
+            limit = default_context_length(model_config, tokenizer_max, kind)
+            if limit is not None:
+                assert fitted is not None and fitted <= limit, (model_config, tokenizer_max, kind)
+
+
 def test_config_is_checked_early():
     with pytest.raises(ConfigError, match="variant"):
         Img2LLMPrompt(variant="short")
     with pytest.raises(ConfigError, match="task"):
         Img2LLMPrompt(task="coco")
+    from capvqa.engine.config import load_spec
+
+    with pytest.raises(ConfigError, match=r"stage 'prompt'.*variant"):  # loading a config checks it
+        load_spec("img2llm", ["prompt.variant=short"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,3 +200,48 @@ def test_stage_fits_the_llm_context(tiny_zoo, cpu_runtime):
     assert (squeezed.num_context_captions, squeezed.num_exemplars) == (0, 0)
     assert (squeezed.dropped_captions, squeezed.dropped_exemplars) == (2, 5)
     assert squeezed.prompts[0].endswith("Question: what is the dog doing?\nAnswer:")
+
+
+# --------------------------------------------------------------------------------------------------
+# One budget: the prompt stage fits to exactly the room the LLM stage leaves
+
+
+def long_entry(pairs: int = 60) -> StageInput:
+    """An item whose full prompt is far longer than the tiny OPT's 512 positions (many short exemplars)."""
+    answers = [f"a{i}" for i in range(pairs)] + ["yes"]
+    item = VQAItem(question_id=7, image_id=7, question=QUESTION, image=ImageRef(data=b"x"))
+    return StageInput(item=item, item_key="long", image_hash="h", upstream={
+        "captions": FilteredCaptions(captions=CAPTIONS, scores=[], all_scores=[], threshold=0.5),
+        "answers": CandidateAnswers(answers=answers, counts=[1] * len(answers), extractor="rule",
+                                    answer_captions={answer: [0] for answer in answers}),
+        "qa": SyntheticQA(questions=[f"is it {i}?" for i in range(len(answers))], answers=answers),
+    })
+
+
+def test_llm_max_new_tokens_override_fits_the_prompt_instead_of_truncating_it(tiny_zoo, cpu_runtime):
+    """--set llm.max_new_tokens=30 reaches the prompt stage: it drops exemplars until the prompt fits the
+    room the LLM leaves, so the LLM keeps every token and the instruction is intact (before, the prompt was
+    fitted to 512 - 10 and the LLM then cut 20 more tokens from the left: the instruction first)."""
+    from capvqa.engine.config import build_stage_config, load_spec
+    from capvqa.stages.img2llm_prompt import INSTRUCTION
+    from capvqa.stages.llm_answer import LLMAnswerer
+
+    spec = load_spec("img2llm", ["llm.max_new_tokens=30"], models_preset="tiny")
+    prompt_stage = Img2LLMPrompt(build_stage_config(spec, spec.stage("prompt")))
+    llm_stage = LLMAnswerer(build_stage_config(spec, spec.stage("llm")))
+    assert prompt_stage.config.reserve_tokens == 30 and prompt_stage.config.llm == str(tiny_zoo["causal_lm"])
+    prompt_stage.setup(cpu_runtime)
+    llm_stage.setup(cpu_runtime)
+    try:
+        entry_ = long_entry()
+        prompt = prompt_stage.run([entry_])[0]
+        answer = llm_stage.run([StageInput(item=entry_.item, item_key="long", image_hash="h",
+                                           upstream={"prompt": prompt})])[0]
+        ids, dropped = llm_stage.backend.encode(prompt.prompts, 30)[0]
+        seen = llm_stage.backend.tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        llm_stage.cleanup()
+    assert prompt.dropped_exemplars > 0 and prompt.dropped_captions == 0  # fitted as designed
+    assert prompt.num_tokens <= 512 - 30
+    assert answer.prompt_tokens_dropped == 0 and dropped == 0
+    assert seen == prompt.prompts[0] and seen.startswith(INSTRUCTION)

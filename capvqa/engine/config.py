@@ -10,9 +10,20 @@ A config names its models by role and its stages by dotted class path, in execut
     answer: reader
 
 ``extends: other-config`` starts from another config. Overrides (``--set key=value``, or
-``overrides=[...]`` in Python) address ``seed``, ``models.ROLE`` and ``STAGE.PARAM``; values are parsed
-as YAML scalars. Validation binds every stage's parameters to its config dataclass without loading any
-model, and unknown keys are rejected with the list of valid ones.
+``overrides=[...]`` in Python) address ``seed``, ``task``, ``models.ROLE`` and ``STAGE.PARAM``; values are
+parsed as YAML scalars. Validation binds every stage's parameters to its config dataclass without loading
+any model, and unknown keys are rejected with the list of valid ones.
+
+Each setting is stated once. The pipeline's ``task`` fills every stage's ``task`` field (a stage cannot
+set its own). A stage may take some settings from the stage that reads its output, declared as
+``CONSUMER_FIELDS = {own field: reader's field}``: Img2LLM's prompt is fitted to the budget of the LLM
+stage that reads it, so its tokenizer, context length and answer room *are* that stage's ``model``,
+``context_length`` and ``max_new_tokens``, and no override can make the two disagree.
+
+Stages are also checked together when the config loads, before any model: an input whose upstream
+``Output`` lacks a field the stage declares it reads (``INPUT_FIELDS = {input: (field, ...)}``), and any
+check a stage class defines as ``check_pipeline(config, upstream)`` (``upstream``: input name ->
+:class:`UpstreamStage`), which raises :class:`ConfigError` for a combination that cannot work.
 """
 
 from __future__ import annotations
@@ -32,7 +43,22 @@ from capvqa.resources import pipelines_dir
 _RESERVED_STAGE_KEYS = ("type", "model", "models", "inputs")
 _TOP_LEVEL_KEYS = ("name", "method", "description", "extends", "seed", "task", "models", "stages", "answer",
                    "models_preset", "run")
-TASKS = ("auto", "vqav2", "okvqa")
+_PIPELINE_PARAMS = ("task",)  # stage config fields only the pipeline sets (from its top-level key)
+#: The dataset conventions a stage can follow (its ``task`` field): VQAv2's (Img2LLM's yes/no exemplars) or
+#: OK-VQA's (Img2LLM's answer rules). The one list every stage and the config loader check against.
+TASKS = ("vqav2", "okvqa")
+#: A config's top-level ``task`` may also be ``auto``: resolved per dataset (:func:`resolve_task`).
+AUTO_TASK = "auto"
+PIPELINE_TASKS = (AUTO_TASK, *TASKS)
+
+
+def check_task(task: Any, where: str, *, allow_auto: bool = False) -> str:
+    """``task`` if it is one of :data:`TASKS` (or ``auto`` when allowed), else a ConfigError naming ``where``
+    and the valid values."""
+    valid = PIPELINE_TASKS if allow_auto else TASKS
+    if not isinstance(task, str) or task not in valid:
+        raise ConfigError(f"{where}: task must be one of {list(valid)}, got {task!r}")
+    return task
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,20 @@ class StageSpec:
     model_roles: dict[str, str]  # config field holding a model id -> role in the pipeline's models
     inputs: dict[str, str]
     params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UpstreamStage:
+    """One input of a stage as cross-stage checks see it: the stage that feeds it, resolved.
+
+    ``inputs`` are that stage's own inputs (input name -> stage name), so a check can follow the graph one
+    step further (e.g. that two inputs derive from the same captions).
+    """
+
+    name: str
+    stage_class: type
+    config: Any
+    inputs: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -111,19 +151,33 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+RUN_CONFIG_NAME = "config.yaml"  # the resolved config a run folder holds
+
+
 def locate_config(name_or_path: str | Path) -> Path:
+    """The YAML file a pipeline argument means: a path to a ``.yaml`` file, a run folder (its
+    ``config.yaml``), or the name of a config in ``pipelines/``."""
     candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+    shipped = pipelines_dir() / f"{name_or_path}.yaml"
+    if candidate.is_dir():
+        if (candidate / RUN_CONFIG_NAME).is_file():
+            return candidate / RUN_CONFIG_NAME
+        if not shipped.is_file():  # a folder that happens to share a pipeline's name does not hide it
+            raise ConfigError(
+                f"{candidate} is a folder without {RUN_CONFIG_NAME}, so it is not a run folder; give a run "
+                f"folder that holds {RUN_CONFIG_NAME}, a path to a .yaml config, or a pipeline name "
+                f"({', '.join(available_pipelines())})"
+            )
+    elif candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():
             raise ConfigError(f"pipeline config file {candidate} does not exist")
         return candidate
-    path = pipelines_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
+    if not shipped.is_file():
         raise ConfigError(
             f"unknown pipeline {str(name_or_path)!r}; available: {', '.join(available_pipelines())} "
-            "(or give a path to a .yaml config)"
+            "(or give a path to a .yaml config, or a run folder)"
         )
-    return path
+    return shipped
 
 
 def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -176,9 +230,10 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
             raise ConfigError(f"unknown model role {parts[1]!r}; valid: {sorted('models.' + r for r in models)}")
         models[parts[1]] = value
         return
-    if head in stages and len(parts) == 2:
+    if head in stages and isinstance(stages[head], dict) and len(parts) == 2:
         param = parts[1]
-        valid = _stage_param_names(stages[head])
+        _refuse_restated(head, param, stages)
+        valid = _stage_param_names(head, stages)
         if param not in valid:
             raise ConfigError(
                 f"unknown key {'.'.join(parts)!r}; valid keys of stage {head!r}: "
@@ -188,14 +243,58 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
         return
     valid_keys = ["seed", "task", *(f"models.{r}" for r in models)]
     for stage_name, node in stages.items():
-        valid_keys += [f"{stage_name}.{p}" for p in sorted(_stage_param_names(node))]
+        if isinstance(node, dict):
+            valid_keys += [f"{stage_name}.{p}" for p in sorted(_stage_param_names(stage_name, stages))]
     raise ConfigError(f"unknown key {'.'.join(parts)!r}; valid keys: {valid_keys}")
 
 
-def _stage_param_names(node: dict[str, Any]) -> set[str]:
+def _stage_param_names(name: str, nodes: dict[str, Any]) -> set[str]:
+    """The parameters stage ``name`` states itself: its config fields, less those set elsewhere -- a model
+    bound to a role (chosen with models.ROLE=...), the pipeline's task, settings of the stage reading it."""
+    node = nodes[name]
     stage_class = resolve_stage_type(str(node.get("type", "")))
-    # a model bound to a role is chosen through the role (models.ROLE=...), not as a stage parameter
-    return {f.name for f in dataclasses.fields(stage_class.Config)} - set(_model_roles(node, stage_class))
+    fields = {f.name for f in dataclasses.fields(stage_class.Config)}
+    elsewhere = set(_model_roles(node, stage_class)) | set(_PIPELINE_PARAMS) | set(_reader_sources(name, nodes))
+    return fields - elsewhere
+
+
+def _reader_sources(name: str, nodes: dict[str, Any]) -> dict[str, str]:
+    """Config fields of stage ``name`` that a stage reading its output states (the stage's
+    ``CONSUMER_FIELDS``): own field -> ``READER.FIELD``. Only readers whose config has every one of those
+    fields count (a stage reading the output for another purpose, e.g. a report, does not)."""
+    node = nodes.get(name)
+    if not isinstance(node, dict):
+        return {}
+    links = dict(getattr(resolve_stage_type(str(node.get("type", ""))), "CONSUMER_FIELDS", None) or {})
+    sources: dict[str, str] = {}
+    for reader, reader_node in nodes.items():
+        if not links or not isinstance(reader_node, dict) or "type" not in reader_node:
+            continue  # a stage without a type is reported where it is validated
+        if name not in [str(v) for v in (reader_node.get("inputs") or {}).values()]:
+            continue
+        reader_fields = {f.name for f in dataclasses.fields(resolve_stage_type(str(reader_node.get("type", ""))).Config)}
+        if set(links.values()) <= reader_fields:
+            for own, theirs in links.items():
+                sources.setdefault(own, f"{reader}.{theirs}")
+    return sources
+
+
+def _refuse_restated(name: str, param: str, nodes: dict[str, Any]) -> None:
+    """A ConfigError when stage ``name`` would state ``param``, a setting stated elsewhere."""
+    if param in _PIPELINE_PARAMS:
+        node = nodes[name]
+        stage_class = resolve_stage_type(str(node.get("type", "")))
+        if param in {f.name for f in dataclasses.fields(stage_class.Config)}:
+            raise ConfigError(
+                f"stage {name!r} cannot set {param!r}: it is the pipeline's, set once for every stage (the "
+                f"top-level '{param}:' of the config, or --set {param}=VALUE; valid: {list(PIPELINE_TASKS)})"
+            )
+    source = _reader_sources(name, nodes).get(param)
+    if source is not None:
+        raise ConfigError(
+            f"stage {name!r} cannot set {param!r}: it is {source} (stage {source.split('.')[0]!r} reads "
+            f"{name!r} and the two must agree), so it is stated once, there; set {source} instead"
+        )
 
 
 def _model_roles(node: dict[str, Any], stage_class: type) -> dict[str, str]:
@@ -240,8 +339,20 @@ def load_spec(
                     node["checkpoint"] = None
     for text in overrides:
         parts, value = parse_override(text)
+        if parts == ["seed"]:
+            _check_seed(value, f"override {text!r}")
+        elif parts == ["task"]:
+            check_task(value, f"override {text!r}", allow_auto=True)
         _apply_override(data, parts, value)
-    return _validate(data, str(name_or_path))
+    origin = locate_config(name_or_path) if Path(name_or_path).is_dir() else name_or_path  # a run folder's file
+    return _validate(data, str(origin))
+
+
+def _check_seed(value: Any, where: str) -> int:
+    """A seed is a whole number: ``1.9`` or ``true`` would silently become 1 through ``int()``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: seed must be a whole number (e.g. 42), got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _execution_order(stages_node: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -264,12 +375,25 @@ def _execution_order(stages_node: dict[str, Any], origin: str) -> dict[str, Any]
     return ordered
 
 
+def _check_models(models: Any, origin: str) -> dict[str, str]:
+    if models is None:
+        return {}
+    if not isinstance(models, dict):
+        raise ConfigError(f"{origin}: 'models' must be a mapping of role -> model id or folder, got {models!r}")
+    for role, model in models.items():
+        if isinstance(model, (bool, dict, list)) or model is None or not str(model).strip():
+            raise ConfigError(f"{origin}: models.{role} must be a model id or folder, got {model!r}")
+    return {str(k): str(v) for k, v in models.items()}
+
+
 def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
     stages_node = data.get("stages")
     if not isinstance(stages_node, dict) or not stages_node:
         raise ConfigError(f"{origin}: 'stages' must be a non-empty mapping of stage name -> settings")
     stages_node = _execution_order(stages_node, origin)
-    models = {str(k): str(v) for k, v in (data.get("models") or {}).items()}
+    models = _check_models(data.get("models"), origin)
+    if not isinstance(data.get("run") or {}, dict):
+        raise ConfigError(f"{origin}: 'run' must be a mapping of run settings, got {data.get('run')!r}")
     stages: list[StageSpec] = []
     for name, node in stages_node.items():
         if not isinstance(node, dict) or "type" not in node:
@@ -295,8 +419,14 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
         unknown = sorted(set(params) - config_fields)
         if unknown:
             raise ConfigError(
-                f"{origin}: stage {name!r} has unknown parameters {unknown}; valid: {sorted(config_fields)}"
+                f"{origin}: stage {name!r} has unknown parameters {unknown}; "
+                f"valid: {sorted(_stage_param_names(name, stages_node))}"
             )
+        for param in params:
+            try:
+                _refuse_restated(name, param, stages_node)
+            except ConfigError as error:
+                raise ConfigError(f"{origin}: {error}") from error
         stages.append(StageSpec(name=str(name), type=node["type"], model_roles=roles, inputs=inputs, params=params))
     answer = data.get("answer") or stages[-1].name
     if answer not in {s.name for s in stages}:
@@ -308,36 +438,84 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
         name=str(data.get("name") or Path(origin).stem),
         method=str(data.get("method") or ""),
         description=str(data.get("description") or ""),
-        seed=int(data.get("seed", 42)),
-        task=_check_task(data.get("task", "auto"), origin),
+        seed=_check_seed(data.get("seed", 42), origin),
+        task=check_task(data.get("task", AUTO_TASK), origin, allow_auto=True),
         models=models,
         stages=tuple(stages),
         answer=answer,
         models_preset=data.get("models_preset"),
         run=dict(data.get("run") or {}),
     )
-    for stage in spec.stages:  # bind parameters now so type errors surface before any model loads
-        build_stage_config(spec, stage)
+    check_stages_together(spec, origin)
     return spec
 
 
-def _check_task(task: Any, origin: str) -> str:
-    if task not in TASKS:
-        raise ConfigError(f"{origin}: task must be one of {list(TASKS)}, got {task!r}")
-    return str(task)
+def check_stages_together(spec: PipelineSpec, origin: str = "") -> dict[str, Any]:
+    """Bind every stage's config (types, derived settings) and run the cross-stage checks; nothing is
+    loaded. Returns the configs by stage name. Called by :func:`load_spec`, so every loaded spec passed."""
+    prefix = f"{origin}: " if origin else ""
+    configs: dict[str, Any] = {}
+    classes: dict[str, type] = {}
+    for stage in spec.stages:  # bind parameters now so type errors surface before any model loads
+        classes[stage.name] = resolve_stage_type(stage.type)
+        try:
+            configs[stage.name] = build_stage_config(spec, stage)
+        except ConfigError as error:
+            raise ConfigError(f"{prefix}{error}") from error
+    for stage in spec.stages:
+        stage_class = classes[stage.name]
+        upstream = {
+            input_name: UpstreamStage(source, classes[source], configs[source], dict(spec.stage(source).inputs))
+            for input_name, source in stage.inputs.items()
+        }
+        problem = _input_fields_problem(stage_class, upstream)
+        if problem:
+            raise ConfigError(f"{prefix}stage {stage.name!r}: {problem}")
+        check = getattr(stage_class, "check_pipeline", None)
+        if callable(check):
+            try:
+                check(configs[stage.name], upstream)
+            except ConfigError as error:
+                raise ConfigError(f"{prefix}stage {stage.name!r}: {error}") from error
+    return configs
+
+
+def _input_fields_problem(stage_class: type, upstream: dict[str, UpstreamStage]) -> str | None:
+    """Why an input cannot give ``stage`` the fields its class declares it reads (``INPUT_FIELDS``), or None."""
+    declared = getattr(stage_class, "INPUT_FIELDS", None) or {}
+    if not isinstance(declared, dict) or not all(
+        isinstance(v, tuple) and all(isinstance(f, str) for f in v) for v in declared.values()
+    ):
+        return f"{stage_class.__name__}.INPUT_FIELDS must map input names to tuples of field names"
+    for input_name, wanted in declared.items():
+        if input_name not in upstream:
+            continue  # a missing input is reported by the loader with the inputs the stage needs
+        source = upstream[input_name]
+        output = source.stage_class.Output
+        have = {f.name for f in dataclasses.fields(output)}
+        missing = [f for f in wanted if f not in have]
+        if missing:
+            return (
+                f"input {input_name!r} reads stage {source.name!r}, whose output {output.__name__} has no "
+                f"field {', '.join(repr(f) for f in missing)} ({stage_class.__name__} reads "
+                f"{', '.join(wanted)}; {output.__name__} has {', '.join(sorted(have))}); point {input_name!r} at "
+                f"a stage that produces them"
+            )
+    return None
 
 
 def resolve_task(task: str, dataset_name: str | None) -> str:
     """``auto`` -> ``okvqa`` when the dataset is OK-VQA (by name), else ``vqav2``."""
-    if task != "auto":
+    if task != AUTO_TASK:
         return task
     name = (dataset_name or "").lower().replace("-", "").replace("_", "")
     return "okvqa" if "okvqa" in name else "vqav2"
 
 
 def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
-    """The stage's frozen config dataclass: model roles resolved to ids, the pipeline seed and task
-    applied to stages that have such fields (unless the stage sets them itself)."""
+    """The stage's frozen config dataclass: model roles resolved to ids, the pipeline seed applied to
+    stages that have a seed field (unless the stage sets its own), the pipeline's task to stages that have
+    a task field, and the settings the stage takes from the stage reading its output (``CONSUMER_FIELDS``)."""
     stage_class = resolve_stage_type(stage.type)
     params = dict(stage.params)
     for field_name, role in stage.model_roles.items():
@@ -345,16 +523,79 @@ def build_stage_config(spec: PipelineSpec, stage: StageSpec) -> Any:
     field_types = {f.name: f for f in dataclasses.fields(stage_class.Config)}
     if "seed" in field_types and "seed" not in params:
         params["seed"] = spec.seed
-    if "task" in field_types and "task" not in params:
+    if "task" in field_types:
         params["task"] = resolve_task(spec.task, None)
+    params.update(_settings_from_readers(spec, stage, stage_class))
+    params.update(_referenced_stage_configs(spec, stage, stage_class, params))
     for f in dataclasses.fields(stage_class.Config):  # types first: __post_init__ checks assume them
         if f.name in params:
             _check_type(stage.name, f, params[f.name])
     try:
         config = stage_class.Config(**params)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ConfigError) as error:  # a config's own checks name the stage's key
         raise ConfigError(f"stage {stage.name!r}: {error}") from error
     return config
+
+
+def _referenced_stage_configs(
+    spec: PipelineSpec, stage: StageSpec, stage_class: type, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Config fields marked ``metadata={"stage_config": True}`` name another stage whose settings they reuse
+    (PICa's pool captioner is the pipeline's ``caption`` stage): each such name becomes that stage's built
+    config, so the settings are stated once, in that stage. One level only: the named stage may not
+    itself name a stage (so references cannot form a cycle)."""
+    resolved: dict[str, Any] = {}
+    for f in dataclasses.fields(stage_class.Config):
+        target = params.get(f.name)
+        if not f.metadata.get("stage_config") or not isinstance(target, str):
+            continue
+        names = [s.name for s in spec.stages]
+        if target not in names or target == stage.name:
+            raise ConfigError(
+                f"stage {stage.name!r}: {f.name} names stage {target!r}, which must be another stage of the "
+                f"pipeline (stages: {names})"
+            )
+        referenced = spec.stage(target)
+        if any(isinstance(referenced.params.get(g.name), str) and g.metadata.get("stage_config")
+               for g in dataclasses.fields(resolve_stage_type(referenced.type).Config)):
+            raise ConfigError(f"stage {stage.name!r}: {f.name} names stage {target!r}, which itself names a stage")
+        resolved[f.name] = build_stage_config(spec, referenced)
+    return resolved
+
+
+def _settings_from_readers(spec: PipelineSpec, stage: StageSpec, stage_class: type) -> dict[str, Any]:
+    """The values of the stage's ``CONSUMER_FIELDS``, read from the built config of each stage reading its
+    output (see :func:`_reader_sources` for which count). Several readers must agree; a field also bound
+    to a model role (a config saved before the field was derived) must name the same model."""
+    links = dict(getattr(stage_class, "CONSUMER_FIELDS", None) or {})
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for reader in spec.stages:
+        if not links or stage.name not in reader.inputs.values():
+            continue
+        reader_class = resolve_stage_type(reader.type)
+        if not set(links.values()) <= {f.name for f in dataclasses.fields(reader_class.Config)}:
+            continue
+        reader_config = build_stage_config(spec, reader)
+        for own, theirs in links.items():
+            value, source = getattr(reader_config, theirs), f"{reader.name}.{theirs}"
+            if own in values and values[own] != value:
+                raise ConfigError(
+                    f"stage {stage.name!r}: its {own!r} is set by every stage reading it, and they disagree: "
+                    f"{sources[own]} = {values[own]!r}, {source} = {value!r}"
+                )
+            values[own], sources[own] = value, source
+    for own, value in values.items():
+        if own in stage.params:
+            raise ConfigError(f"stage {stage.name!r} cannot set {own!r}: it is {sources[own]}; set that instead")
+        role = stage.model_roles.get(own)
+        if role is not None and spec.models[role] != value:
+            raise ConfigError(
+                f"stage {stage.name!r}: its {own!r} is models.{role} = {spec.models[role]!r}, but it must be "
+                f"{sources[own]} = {value!r}, the model of the stage reading it; bind both to the same "
+                f"role, or remove the model binding of {stage.name!r} (it follows {sources[own]})"
+            )
+    return values
 
 
 def _check_type(stage_name: str, f: dataclasses.Field, value: Any) -> None:

@@ -32,7 +32,14 @@ import yaml
 from capvqa.atomic import atomic_open, atomic_write_text
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import record_to_json
-from capvqa.engine.config import PipelineSpec, build_stage_config, load_spec, parse_override, resolve_task
+from capvqa.engine.config import (
+    PipelineSpec,
+    build_stage_config,
+    check_stages_together,
+    load_spec,
+    parse_override,
+    resolve_task,
+)
 from capvqa.engine.distributed import DistributedContext, Shard
 from capvqa.engine.host_memory import host_allocator
 from capvqa.engine.registry import resolve_stage_type
@@ -87,8 +94,7 @@ class Pipeline:
             stages = tuple(s if s.name in explicit else replace(s, params={**s.params, "batch_size": batch_size})
                            for s in spec.stages)
             spec = replace(spec, stages=stages)
-            for stage in spec.stages:
-                build_stage_config(spec, stage)
+            check_stages_together(spec)
         return cls(spec)
 
     # -- the config for one dataset ------------------------------------------------------------------
@@ -109,8 +115,7 @@ class Pipeline:
             hook = getattr(resolve_stage_type(stage.type), "resolve_params", None)
             stages.append(replace(stage, params=dict(hook(dict(stage.params), context))) if callable(hook) else stage)
         spec = replace(spec, stages=tuple(stages))
-        for stage in spec.stages:  # a hook's values are checked like any parameter
-            build_stage_config(spec, stage)
+        check_stages_together(spec)  # the resolved task and the hooks' values are checked like any setting
         return spec
 
     def build_stages(self, spec: PipelineSpec | None = None, runtime: Runtime | None = None) -> list[BoundStage]:

@@ -83,7 +83,15 @@ class Stage(Protocol):
       dataset-level state it reads) in the cache key, when ``MODEL_FIELDS`` alone does not say it;
     - classmethod ``resolve_params(params, dataset: DatasetContext) -> params``: settings that depend on
       the run's dataset, resolved to concrete values before the config is built (and so recorded in the
-      run's ``config.yaml``).
+      run's ``config.yaml``);
+    - ``INPUT_FIELDS = {input: (field, ...)}``: the upstream Output fields ``run`` reads, checked against
+      the wired stage when the config loads; ``OPTIONAL_INPUTS``: inputs that may be left unwired;
+    - ``CONSUMER_FIELDS = {own field: reader's field}``: settings taken from the config of the stage that
+      reads this one's output, so they are stated once (Img2LLM's prompt budget is the LLM's);
+    - classmethod ``check_pipeline(config, upstream)``: a cross-stage check run when the config loads,
+      before any model (``upstream`` maps each input to its stage's class and config).
+
+    :mod:`capvqa.engine.config` applies all of these; nothing of them loads a model.
     """
 
     NAME: ClassVar[str]

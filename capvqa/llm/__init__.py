@@ -11,13 +11,17 @@ Both return, per prompt, the completion *cut at the first stop string* and the s
 the tokens that produced the kept text (see :func:`covering_prefix_length`), so the ensemble of PICa and
 the single answer of Img2LLM read the same numbers whichever backend ran. This module holds the value
 objects and the pure helpers both backends share; it imports nothing heavy.
+
+The context length a local model respects when none is configured is decided here too
+(:func:`default_context_length`), so that a stage fitting a prompt *before* the answer stage
+(Img2LLM's, :func:`smallest_context_length`) never allows more than the backend will.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "Completion",
@@ -25,8 +29,15 @@ __all__ = [
     "LLMBackend",
     "covering_prefix_length",
     "cut_at_stop",
+    "default_context_length",
     "kept_completion",
+    "smallest_context_length",
 ]
+
+# Tokenizers without a known limit report ~1e30 (transformers' VERY_LARGE_INTEGER): "not set".
+UNSET_MAX_LENGTH = 10**8
+# config attributes that hold a model's number of learned/rotary positions, in the order they are read
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 @dataclass(frozen=True)
@@ -115,3 +126,57 @@ def kept_completion(
     text, _ = cut_at_stop(decode(tokens), stop)
     kept = covering_prefix_length([decode(tokens[:k]) for k in range(1, len(tokens) + 1)], text)
     return list(tokens[:kept]), float(sum(token_logprobs[:kept])), text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Context length
+
+
+def tokenizer_limit(tokenizer_max_length: int | None) -> int | None:
+    """A tokenizer's ``model_max_length`` when it is a real limit (None for the ~1e30 "not set")."""
+    if isinstance(tokenizer_max_length, int) and 0 < tokenizer_max_length < UNSET_MAX_LENGTH:
+        return tokenizer_max_length
+    return None
+
+
+def position_limits(model_config: Any) -> list[int]:
+    """Every positive position limit the model config declares (:data:`POSITION_ATTRIBUTES`), the
+    config's own before its text config's (multimodal configs keep the LM's in ``get_text_config()``)."""
+    if model_config is None:
+        return []
+    configs = [model_config]
+    text_config = getattr(model_config, "get_text_config", None)
+    if callable(text_config):
+        configs.append(text_config())
+    limits = []
+    for config in configs:
+        for attribute in POSITION_ATTRIBUTES:
+            value = getattr(config, attribute, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                limits.append(value)
+    return limits
+
+
+def default_context_length(model_config: Any, tokenizer_max_length: int | None, kind: str) -> int | None:
+    """The context length a local backend respects when none is configured (None: no known limit).
+
+    A causal LM's is its number of learned/rotary positions from the config (``max_position_embeddings``
+    and its aliases, the first one found), else the tokenizer's ``model_max_length``. A seq2seq LM (T5 has
+    relative positions and no hard limit) uses the tokenizer's ``model_max_length``, the input length it
+    was trained with.
+    """
+    if kind == "seq2seq":
+        return tokenizer_limit(tokenizer_max_length)
+    positions = position_limits(model_config)
+    return positions[0] if positions else tokenizer_limit(tokenizer_max_length)
+
+
+def smallest_context_length(model_config: Any, tokenizer_max_length: int | None) -> int | None:
+    """The smallest limit the config or the tokenizer declares (None when neither does).
+
+    Never more than :func:`default_context_length` of either kind, so a prompt fitted to it minus the
+    answer's tokens is never truncated by the answer stage, whichever backend kind it resolves to.
+    """
+    limits = [*position_limits(model_config), tokenizer_limit(tokenizer_max_length)]
+    found = [limit for limit in limits if limit is not None]
+    return min(found) if found else None

@@ -17,7 +17,10 @@ raw logits (``output_logits``, i.e. before any logits processor) at the chosen t
 The context rule of Img2LLM (prompt + answer <= context length) is enforced by left-truncating a causal
 LM's prompt to ``context_length - max_new_tokens`` tokens, keeping the tokenizer's special prefix (e.g.
 OPT's ``</s>``); for a seq2seq LM the encoder input is left-truncated to ``context_length``. The number of
-dropped tokens is returned with each completion, so it is recorded with the answer.
+dropped tokens is returned with each completion, so it is recorded with the answer. Img2LLM's prompt
+stage has already fitted its prompt to this same budget (it reads the answer stage's ``max_new_tokens``
+and ``context_length`` when the pipeline loads), so there truncation is only the last resort for a
+question that does not fit even alone; PICa's prompts are not fitted beforehand.
 """
 
 from __future__ import annotations
@@ -31,21 +34,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import ConfigError, ModelLoadError
-from capvqa.llm import Completion, GenerationSettings, kept_completion
+from capvqa.llm import Completion, GenerationSettings, default_context_length, kept_completion
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 log = logging.getLogger(__name__)
 
 LM_KINDS = ("causal", "seq2seq")
-# Tokenizers without a known limit report ~1e30 (transformers' VERY_LARGE_INTEGER): "not set".
-_UNSET_MAX_LENGTH = 10**8
-_POSITION_ATTRIBUTES = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_sequence_length",
-    "seq_length",
-    "n_ctx",
-)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,30 +53,6 @@ def resolve_lm_kind(requested: str, is_encoder_decoder: bool) -> str:
     if requested not in LM_KINDS:
         raise ConfigError(f"unknown LM kind {requested!r}; use auto, {', '.join(LM_KINDS)}")
     return requested
-
-
-def default_context_length(model_config: Any, tokenizer_max_length: int | None, kind: str) -> int | None:
-    """The context length to respect when none is configured (None: no known limit).
-
-    A causal LM's is its number of learned/rotary positions from the config (``max_position_embeddings``
-    and its aliases), else the tokenizer's ``model_max_length``. A seq2seq LM (T5 has relative positions
-    and no hard limit) uses the tokenizer's ``model_max_length``, the input length it was trained with.
-    """
-    tokenizer_limit = (
-        tokenizer_max_length if tokenizer_max_length and tokenizer_max_length < _UNSET_MAX_LENGTH else None
-    )
-    if kind == "seq2seq":
-        return tokenizer_limit
-    configs = [model_config]
-    text_config = getattr(model_config, "get_text_config", None)
-    if callable(text_config):
-        configs.append(text_config())
-    for config in configs:
-        for attribute in _POSITION_ATTRIBUTES:
-            value = getattr(config, attribute, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return tokenizer_limit
 
 
 def left_truncate(ids: list[int], content_ids: list[int], limit: int) -> tuple[list[int], int]:

@@ -1,4 +1,4 @@
-"""The Img2LLM prompt: captions as context, synthetic QA pairs as exemplars (SPEC §2).
+"""The Img2LLM prompt (docs/methods.md#the-img2llm-prompt): captions as context, synthetic QA exemplars.
 
 Paper variant (default), exactly::
 
@@ -22,9 +22,10 @@ skipping answers of ``max_answer_words`` (5) or more words; questions capitalise
 (the authors' formatting). The question being asked is stripped and lower-cased, as in the authors'
 code.
 
-Where this differs from the authors' code (``create_task_prompt``), following SPEC:
+Where this differs from the authors' code (``create_task_prompt``); the full list, including the single
+BOS token and the other differences, is in docs/methods.md#deviations-in-img2llm:
 
-- SPEC's spacing: a space after "Contexts:", "Question:" and "Answer:", and captions joined by a space
+- The paper's spacing: a space after "Contexts:", "Question:" and "Answer:", and captions joined by a space
   (the code writes "Question:{q}" and glues captions together: "A dog.A cat.").
 - The yes/no exemplars come after the synthetic pairs (the code puts them first).
 - The code's VQAv2 exemplars also include "the next test question's yes-question -> no", which makes
@@ -43,6 +44,14 @@ context. Exemplars are dropped last first, then context captions last first; the
 answer cue are always kept (a prompt that still does not fit is returned as it is and its size is
 recorded). Assembly is pure (:func:`build_prompt_parts`, :func:`fit_prompt`); the stage only counts
 tokens with the LLM's tokenizer.
+
+In a pipeline the budget is the LLM stage's, stated once there: ``llm``, ``revision``,
+``context_length`` and ``reserve_tokens`` are the ``model``, ``revision``, ``context_length`` and
+``max_new_tokens`` of the stage reading this prompt (:data:`Img2LLMPrompt.CONSUMER_FIELDS`, filled in
+when the config loads), so the LLM never has to left-truncate a fitted prompt -- which would cut the
+instruction first. The context length, when not set, is the smallest limit the LLM's config or tokenizer
+declares (:func:`capvqa.llm.smallest_context_length`), never more than its backend allows. For a seq2seq
+LLM the answer does not share the encoder's context, so the reserve only makes the fit a little tighter.
 """
 
 from __future__ import annotations
@@ -52,9 +61,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from capvqa.engine.config import UpstreamStage, check_task
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
+from capvqa.llm import smallest_context_length
 from capvqa.models.loading import ModelRef, load_processor
 
 log = logging.getLogger(__name__)
@@ -62,22 +73,27 @@ log = logging.getLogger(__name__)
 INSTRUCTION = "Please reason the answer of the questions according to the given contexts.\n"
 YES_NO_EXEMPLAR = ("Is this a toilet?", "no")
 VARIANTS = ("paper", "lavis")
-DATASETS = ("vqav2", "okvqa", "aokvqa")
-YES_NO_DATASETS = ("vqav2",)
-_UNSET_MAX_LENGTH = 10**6  # tokenizers without a real limit report ~1e30
+YES_NO_TASKS = ("vqav2",)  # the tasks (of capvqa.engine.config.TASKS) whose prompt adds yes/no exemplars
 
 
 @dataclass(frozen=True)
 class Img2LLMPromptConfig:
+    """In a pipeline, ``llm``, ``revision``, ``context_length`` and ``reserve_tokens`` are the reading LLM
+    stage's ``model``, ``revision``, ``context_length`` and ``max_new_tokens`` (see the module docs), and
+    ``task`` is the pipeline's; the defaults here serve the stage used on its own."""
+
     llm: str = "facebook/opt-6.7b"  # only its tokenizer (and context length) is used here
     revision: str | None = None  # of ``llm``
     variant: str = "paper"  # paper | lavis
     num_context_captions: int = 30
     max_answer_words: int = 5  # synthetic pairs whose answer has this many words or more are skipped
-    task: str = "vqav2"  # the pipeline's task fills this; yes/no exemplars for vqav2 only (paper variant)
+    task: str = "vqav2"  # yes/no exemplars for vqav2 only (paper variant)
     context_length: int | None = None  # None: from the LLM's config / tokenizer
     reserve_tokens: int = 10  # room left for the answer
     batch_size: int = non_semantic(64)
+
+    def __post_init__(self) -> None:  # here, so that loading a pipeline config checks it
+        check_config(self)
 
 
 @dataclass(frozen=True)
@@ -201,7 +217,7 @@ def build_prompt_parts(
             captions=tuple(format_context_caption(captions[i]) for i in chosen),
             caption_separator=" ",
             exemplars=tuple(paper_exemplars(qa_questions, qa_answers, max_answer_words=max_answer_words,
-                                            yes_no=dataset in YES_NO_DATASETS)),
+                                            yes_no=dataset in YES_NO_TASKS)),
             query=f"Question: {question.strip().lower()}\nAnswer:",
         )
     if variant == "lavis":
@@ -260,17 +276,9 @@ def fit_prompt(parts: PromptParts, count_tokens: Callable[[str], int], max_token
 
 
 def context_length_of(tokenizer: Any, model_config: Any | None) -> int | None:
-    """The LLM's context length: the smallest limit its config (positions) or tokenizer declares."""
-    limits = []
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model_config, name, None) if model_config is not None else None
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-            break
-    value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < _UNSET_MAX_LENGTH:
-        limits.append(value)
-    return min(limits) if limits else None
+    """The LLM's context length: the smallest limit its config (positions) or tokenizer declares, so
+    never more than the answer stage's backend respects (:func:`capvqa.llm.smallest_context_length`)."""
+    return smallest_context_length(model_config, getattr(tokenizer, "model_max_length", None))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,12 +288,14 @@ def context_length_of(tokenizer: Any, model_config: Any | None) -> int | None:
 def check_config(config: Img2LLMPromptConfig) -> None:
     if config.variant not in VARIANTS:
         raise ConfigError(f"img2llm_prompt: unknown variant {config.variant!r}; valid: {list(VARIANTS)}")
-    if config.task not in DATASETS:
-        raise ConfigError(f"img2llm_prompt: unknown task {config.task!r}; valid: {list(DATASETS)}")
+    check_task(config.task, "img2llm_prompt")
+    if config.reserve_tokens < 0:
+        raise ConfigError(f"img2llm_prompt: reserve_tokens must be >= 0, got {config.reserve_tokens}")
     if config.context_length is not None and config.context_length <= config.reserve_tokens:
         raise ConfigError(
-            f"img2llm_prompt: context_length {config.context_length} leaves no room after reserve_tokens "
-            f"{config.reserve_tokens}"
+            f"img2llm_prompt: context_length {config.context_length} leaves no room for a prompt after "
+            f"reserve_tokens {config.reserve_tokens} (in a pipeline: the LLM stage's context_length and "
+            "max_new_tokens)"
         )
 
 
@@ -295,13 +305,37 @@ class Img2LLMPrompt:
     INPUTS: ClassVar[tuple[str, ...]] = ("captions", "answers", "qa")
     # no weights, but the tokenizer decides the fitting: its identity belongs in the cache key
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("llm",)
+    # the budget is the reading LLM stage's, stated once there (capvqa.engine.config fills these in)
+    CONSUMER_FIELDS: ClassVar[dict[str, str]] = {
+        "llm": "model",
+        "revision": "revision",
+        "context_length": "context_length",
+        "reserve_tokens": "max_new_tokens",
+    }
+    INPUT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "captions": ("captions",),
+        "answers": ("answers", "answer_captions"),
+        "qa": ("questions", "answers"),
+    }
     Config = Img2LLMPromptConfig
     Output = LLMPrompt
 
     def __init__(self, config: Img2LLMPromptConfig | None = None, **overrides: Any) -> None:
         self.config = config or Img2LLMPromptConfig(**overrides)
-        check_config(self.config)
         self.tokenizer: Any = None
+
+    @classmethod
+    def check_pipeline(cls, config: Img2LLMPromptConfig, upstream: dict[str, UpstreamStage]) -> None:
+        """The candidate answers point at captions by index (``answer_captions``), so the captions this
+        stage puts in the context must be the very list the answers were extracted from."""
+        captions, answers = upstream["captions"], upstream["answers"]
+        source = answers.inputs.get("captions")
+        if source is not None and source != captions.name:
+            raise ConfigError(
+                f"input 'captions' reads stage {captions.name!r}, but the answers (stage {answers.name!r}) "
+                f"were extracted from stage {source!r}, and their caption indices point into that list; "
+                f"read captions from {source!r} (inputs: {{captions: {source}}})"
+            )
 
     def setup(self, runtime: Runtime) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -319,11 +353,12 @@ class Img2LLMPrompt:
             if context_length is None:
                 raise ConfigError(
                     f"img2llm_prompt: the context length of {cfg.llm!r} is not in its config or tokenizer; "
-                    "set context_length"
+                    "set context_length (in a pipeline: the LLM stage's, e.g. --set llm.context_length=2048)"
                 )
         if context_length <= cfg.reserve_tokens:
             raise ConfigError(
-                f"img2llm_prompt: context length {context_length} <= reserve_tokens {cfg.reserve_tokens}"
+                f"img2llm_prompt: context length {context_length} <= reserve_tokens {cfg.reserve_tokens} (in a "
+                "pipeline: the LLM stage's max_new_tokens); lower it or raise the context length"
             )
         self.max_prompt_tokens = context_length - cfg.reserve_tokens
         log.info("img2llm prompt: %s variant, %s, %d-token context (%d for the prompt)",

@@ -1,4 +1,7 @@
-"""Answering with a frozen LLM: the last stage of Img2LLM (SPEC §2) and PICa (SPEC §3).
+"""Answering with a frozen LLM: the last stage of Img2LLM and PICa.
+
+Methods: docs/methods.md#llm-and-answer-post-processing (Img2LLM) and
+docs/methods.md#decoding-ensemble-and-post-processing (PICa).
 
 Reads the prompt record of an upstream stage (``prompts``: one prompt for Img2LLM, ``n_ensemble`` for
 PICa), completes every prompt greedily with at most ``max_new_tokens`` tokens, cut at the first stop
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from capvqa.engine.config import check_task
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
@@ -45,6 +49,8 @@ class LLMAnswerConfig:
 
     ``context_length`` None means the model's own (config ``max_position_embeddings`` or tokenizer
     ``model_max_length``); prompts longer than it allows are left-truncated and the count recorded.
+    ``model``, ``revision``, ``context_length`` and ``max_new_tokens`` are also the budget Img2LLM's prompt
+    stage fits its prompt to (it reads them from here when the pipeline loads), so they are stated once.
     ``lemmatizer`` picks the OK-VQA lemmatizer ("auto": spaCy when installed, else the rule-based one);
     the one that ran is recorded in every answer. ``base_url`` is semantic on purpose: two servers may
     serve different weights under one model name. ``api_model`` overrides the model name sent to the API
@@ -57,7 +63,7 @@ class LLMAnswerConfig:
     max_new_tokens: int = 10
     stop: tuple[str, ...] = ("\n", ".")
     postprocess: str = "img2llm"
-    task: str = "vqav2"  # filled by the pipeline's task; okvqa adds SPEC §2's OK-VQA rules to "img2llm"
+    task: str = "vqav2"  # filled by the pipeline's task; okvqa adds Img2LLM's OK-VQA rules to "img2llm"
     lemmatizer: str = "auto"
     context_length: int | None = None
     base_url: str = "https://api.openai.com/v1"
@@ -89,8 +95,7 @@ class LLMAnswerConfig:
             raise ConfigError(
                 f"llm_answer: unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}"
             )
-        if self.task not in ("vqav2", "okvqa"):
-            raise ConfigError(f"llm_answer: task must be vqav2 or okvqa, got {self.task!r}")
+        check_task(self.task, "llm_answer")
         check_rule(self.postprocess, self.okvqa)
         if self.lemmatizer not in LEMMATIZER_CHOICES:
             raise ConfigError(
@@ -181,6 +186,7 @@ class LLMAnswerer:
     NAME: ClassVar[str] = "llm_answer"
     VERSION: ClassVar[str] = "1"
     INPUTS: ClassVar[tuple[str, ...]] = ("prompt",)
+    INPUT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"prompt": ("prompts",)}
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     Config = LLMAnswerConfig
     Output = LLMAnswer
