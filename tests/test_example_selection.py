@@ -79,6 +79,8 @@ def test_config_is_checked_early():
         ExampleSelection(mode="nearest")
     with pytest.raises(ConfigError, match="n_shot"):
         ExampleSelection(n_shot=0)
+    with pytest.raises(ConfigError, match="pool_captioner must name the pipeline's caption stage"):
+        ExampleSelection(pool_captioner=3)
 
 
 # ------------------------------------------------------------------------------- the stage, tiny zoo
@@ -119,9 +121,11 @@ def captions_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def selection_settings(tiny_zoo, captions_file):
+    from capvqa.stages.image_captioning import ImageCaptioningConfig
+
     return {
         "clip_model": str(tiny_zoo["clip"]),
-        "pool_captioner_model": str(tiny_zoo["captioner"]),
+        "pool_captioner": ImageCaptioningConfig(model=str(tiny_zoo["captioner"])),
         "pool_dataset": "sample",
         "pool_captions": str(captions_file),
         "n_shot": 4,
@@ -310,3 +314,226 @@ def test_a_missing_pool_captions_file_is_a_clear_error_when_the_pipeline_is_buil
     stage = ExampleSelection(**dict(selection_settings, pool_captions=str(missing)))
     with pytest.raises(DataError, match=r"captions file for the example pool not found.*captions_train2014\.json"):
         BoundStage.create("examples", stage, {})
+
+
+# ------------------------------------------------------------------ the pool, resolved from the run's dataset
+
+
+@pytest.mark.parametrize(
+    ("params", "run", "expected"),
+    [
+        # auto on the bundled sample (or any non-official dataset): the run's dataset itself, its split
+        ({}, ("sample", "val2014", None), {"pool_dataset": "sample", "pool_split": "val2014"}),
+        # auto on an official dataset: its train2014 under the run's data root
+        ({"pool_dataset": "auto"}, ("okvqa", "val2014", "/data"),
+         {"pool_dataset": "okvqa", "pool_split": "train2014", "pool_data_root": "/data"}),
+        ({}, ("vqav2", "test-dev2015", "/data"),
+         {"pool_dataset": "vqav2", "pool_split": "train2014", "pool_data_root": "/data"}),
+        ({}, ("hf:lmms-lab/VQAv2", "validation", None),
+         {"pool_dataset": "hf:lmms-lab/VQAv2", "pool_split": "validation"}),
+        # an explicit pool wins; its own split and root too
+        ({"pool_dataset": "vqav2"}, ("okvqa", "val2014", "/data"),
+         {"pool_dataset": "vqav2", "pool_split": "train2014", "pool_data_root": "/data"}),
+        ({"pool_dataset": "okvqa", "pool_split": "val2014", "pool_data_root": "/pools"}, ("okvqa", "val2014", "/data"),
+         {"pool_dataset": "okvqa", "pool_split": "val2014", "pool_data_root": "/pools"}),
+        ({"pool_dataset": "sample"}, ("okvqa", "val2014", "/data"), {"pool_dataset": "sample"}),
+        ({"pool_dataset": "auto", "pool_split": "val2014"}, ("okvqa", "val2014", "/data"),
+         {"pool_dataset": "okvqa", "pool_split": "val2014", "pool_data_root": "/data"}),
+        # the run's dataset unknown (a plain list of items): left auto, building the stage then asks
+        ({}, (None, None, None), {}),
+    ],
+)
+def test_resolve_params(params, run, expected):
+    from capvqa.engine.stage import DatasetContext
+
+    resolved = ExampleSelection.resolve_params(dict(params, n_shot=3), DatasetContext(*run))
+    assert resolved == {**params, "n_shot": 3, **expected}
+
+
+def test_resolve_params_makes_local_paths_absolute(tmp_path, monkeypatch):
+    import shutil
+
+    from capvqa.engine.stage import DatasetContext
+    from capvqa.resources import sample_dir
+
+    shutil.copytree(sample_dir(), tmp_path / "mine")
+    (tmp_path / "captions.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    folder_run = ExampleSelection.resolve_params({"pool_captions": "captions.json"},
+                                                 DatasetContext("mine", "val2014", None))
+    assert folder_run == {"pool_dataset": str(tmp_path / "mine"), "pool_split": "val2014",
+                          "pool_captions": str(tmp_path / "captions.json")}
+    official = ExampleSelection.resolve_params({}, DatasetContext("okvqa", "val2014", "data"))
+    assert official["pool_data_root"] == str(tmp_path / "data")
+    hf_path = ExampleSelection.resolve_params({}, DatasetContext("hf:mine", None, None))
+    assert hf_path == {"pool_dataset": f"hf:{tmp_path / 'mine'}", "pool_split": None}
+
+
+def test_an_unresolved_auto_pool_is_a_clear_error(selection_settings):
+    from capvqa.engine.runner import BoundStage
+
+    stage = ExampleSelection(**dict(selection_settings, pool_dataset="auto"))
+    with pytest.raises(ConfigError, match=r"pool_dataset is 'auto'.*set pool_dataset \(okvqa"):
+        BoundStage.create("examples", stage, {})
+
+
+def test_pool_captioner_must_be_resolved_or_unneeded(selection_settings, cpu_runtime, tmp_path):
+    from capvqa.engine.runner import BoundStage
+    from capvqa.errors import DataError
+
+    named = ExampleSelection(**dict(selection_settings, pool_captioner="caption"))
+    with pytest.raises(ConfigError, match=r"names the pipeline stage 'caption'.*ImageCaptioningConfig"):
+        BoundStage.create("examples", named, {})
+    nothing = ExampleSelection(**dict(selection_settings, pool_captioner=None, pool_captions=None))
+    with pytest.raises(ConfigError, match="need captions: set pool_captioner"):
+        BoundStage.create("examples", nothing, {})
+    # a captions file alone is fine when it covers the pool; the sample's images 6..10 are not in it
+    partial = ExampleSelection(**dict(selection_settings, pool_captioner=None, mode="random"))
+    BoundStage.create("examples", partial, {})
+    with pytest.raises(DataError, match=r"without a caption in .*captions_train2014\.json.*pool_captioner"):
+        partial.setup(_runtime(cpu_runtime, tmp_path))
+
+
+# ------------------------------------------------------------- the pool fingerprint, memoised by file identity
+
+
+def test_a_second_build_does_not_read_the_pool_again(selection_settings, tmp_path, monkeypatch):
+    import shutil
+
+    from capvqa.data import datasets
+    from capvqa.engine.runner import BoundStage
+    from capvqa.resources import sample_dir
+
+    pool = shutil.copytree(sample_dir(), tmp_path / "pool")
+    captions = shutil.copy(selection_settings["pool_captions"], tmp_path / "captions.json")
+    settings = dict(selection_settings, pool_dataset=str(pool), pool_captions=str(captions), mode="random")
+    opened = []
+    real_open = datasets.open_dataset
+    monkeypatch.setattr(datasets, "open_dataset", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+
+    def fingerprint():  # what building a pipeline does: the stage's key, pool fingerprint included
+        return BoundStage.create("examples", ExampleSelection(**settings), {}, "float32").fingerprint
+
+    first = fingerprint()
+    assert len(opened) == 1
+    assert fingerprint() == first and len(opened) == 1  # memo hit: the pool was not read again
+
+    annotations = pool / "annotations.json"
+    document = json.loads(annotations.read_text())
+    document["annotations"][0]["answers"][0]["answer"] = "tangerine"
+    annotations.write_text(json.dumps(document))  # another size and mtime: a new identity
+    edited = fingerprint()
+    assert edited != first and len(opened) == 2
+    assert fingerprint() == edited and len(opened) == 2
+
+    captions.write_text(captions.read_text().replace("first caption of 1", "a new first caption of 1"))
+    assert fingerprint() not in (first, edited) and len(opened) == 3
+
+    # same content under a new identity (rewritten in place): read again, same fingerprint
+    text = annotations.read_text()
+    annotations.unlink()
+    annotations.write_text(text)
+    recaptioned = fingerprint()
+    assert len(opened) == 4 and fingerprint() == recaptioned and len(opened) == 4
+
+
+def test_the_pool_fingerprint_memo_is_only_a_memo(selection_settings, tmp_path, monkeypatch):
+    """An unreadable memo is recomputed, an unwritable memo directory only logs; the value is the same."""
+    import shutil
+
+    from capvqa.data.example_pool import memoised_pool_fingerprint, pool_content_fingerprint
+    from capvqa.resources import sample_dir
+
+    pool = shutil.copytree(sample_dir(), tmp_path / "pool")
+    expected = pool_content_fingerprint(open_dataset(str(pool)))
+
+    def memoised(memo_dir):
+        return memoised_pool_fingerprint(dataset=str(pool), split=None, data_root=None, limit=None,
+                                         captions_file=None, open_pool=lambda: open_dataset(str(pool)),
+                                         memo_dir=memo_dir)
+
+    assert memoised(tmp_path / "memo") == expected
+    (memo,) = (tmp_path / "memo").glob("fingerprint-*.json")
+    memo.write_text("{not json")
+    assert memoised(tmp_path / "memo") == expected
+    assert json.loads(memo.read_text())["fingerprint"] == expected
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the memo directory should be")
+    assert memoised(blocked) == expected
+
+
+def test_an_official_pool_is_keyed_by_content_not_by_its_root(selection_settings, tmp_path):
+    """The run's --data-root reaches the pool, but the root's path is not in the key: two copies of the same
+    okvqa train2014 give the same selection key."""
+    import shutil
+
+    from capvqa.engine.runner import BoundStage
+    from capvqa.engine.stage import DatasetContext
+    from capvqa.resources import sample_dir
+
+    def okvqa_root(root):
+        questions = json.loads((sample_dir() / "questions.json").read_text())
+        annotations = json.loads((sample_dir() / "annotations.json").read_text())
+        (root / "okvqa").mkdir(parents=True)
+        (root / "okvqa" / "OpenEnded_mscoco_train2014_questions.json").write_text(
+            json.dumps({**questions, "data_subtype": "train2014"}))
+        (root / "okvqa" / "mscoco_train2014_annotations.json").write_text(
+            json.dumps({**annotations, "data_subtype": "train2014"}))
+        (root / "coco" / "train2014").mkdir(parents=True)
+        for image in (sample_dir() / "images").iterdir():
+            shutil.copy(image, root / "coco" / "train2014" / image.name.replace("val2014", "train2014"))
+        return root
+
+    keys = []
+    for root in (okvqa_root(tmp_path / "a"), okvqa_root(tmp_path / "b")):
+        params = ExampleSelection.resolve_params({}, DatasetContext("okvqa", "val2014", str(root)))
+        assert (params["pool_dataset"], params["pool_split"], params["pool_data_root"]) == (
+            "okvqa", "train2014", str(root))
+        stage = ExampleSelection(**dict(selection_settings, pool_captions=None, **params))
+        keys.append(BoundStage.create("examples", stage, {}).fingerprint)
+    assert keys[0] == keys[1]
+
+
+# ------------------------------------------------------------------------ pool captions: the run's dtype, closed
+
+
+@pytest.mark.slow  # the tiny captioner runs twice, once in bf16 on the CPU
+def test_pool_captions_are_keyed_with_the_runs_dtype(selection_settings, cpu_runtime, tmp_path):
+    """fp32 and bf16 pool captions are separate cache entries, as the engine keys every stage."""
+    import torch
+
+    from capvqa.engine.store import CacheStore
+
+    settings = dict(selection_settings, pool_captions=None, mode="random", pool_limit=8)  # images 1 and 2
+    ExampleSelection(**settings).setup(_runtime(cpu_runtime, tmp_path))
+    assert {u.stage: u.entries for u in CacheStore(tmp_path).usage()} == {"image_captioning": 2}
+    ExampleSelection(**settings).setup(replace(_runtime(cpu_runtime, tmp_path), dtype=torch.bfloat16))
+    assert {u.stage: u.entries for u in CacheStore(tmp_path).usage()} == {"image_captioning": 4}
+
+
+def test_setup_closes_the_cache_store_it_opens(selection_settings, cpu_runtime, tmp_path, monkeypatch):
+    from capvqa.engine.store import CacheStore
+
+    closed = []
+    real_close = CacheStore.close
+    monkeypatch.setattr(CacheStore, "close", lambda self: closed.append(self.directory) or real_close(self))
+    # the first 20 questions show images 1..5, all in the captions file: no captioner is needed
+    settings = dict(selection_settings, mode="random", pool_limit=20, pool_captioner=None)
+    ExampleSelection(**settings).setup(_runtime(cpu_runtime, tmp_path))
+    assert closed == [tmp_path]
+
+
+def test_an_unannotated_run_dataset_cannot_be_its_own_pool(selection_settings, cpu_runtime, tmp_path):
+    """auto pools the run's own dataset; one without answers says to set pool_dataset instead."""
+    import shutil
+
+    from capvqa.engine.stage import DatasetContext
+    from capvqa.errors import DataError
+    from capvqa.resources import sample_dir
+
+    folder = shutil.copytree(sample_dir(), tmp_path / "questions-only")
+    (folder / "annotations.json").unlink()
+    params = ExampleSelection.resolve_params({}, DatasetContext(str(folder), "val2014", None))
+    stage = ExampleSelection(**dict(selection_settings, mode="random", **params))
+    with pytest.raises(DataError, match=r"questions-only val2014 has no annotations.*set examples\.pool_dataset"):
+        stage.setup(_runtime(cpu_runtime, tmp_path / "cache"))

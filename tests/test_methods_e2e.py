@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import yaml
+
 from capvqa.data.datasets import open_dataset
 from capvqa.engine.pipeline import Pipeline
 
@@ -29,7 +32,7 @@ def test_img2llm_reuses_pnp_vqa_matching_and_captioning(tmp_path, tiny_zoo):
                                                        "question_generation", "prompt", "llm"))
     first = records(tmp_path / "img2llm")[0]["stages"]
     assert len(first["caption_filter"]["captions"]) == 8 and len(first["caption_filter"]["scores"]) == 8
-    assert "yes" in first["answer_extraction"]["answers"]  # always added (SPEC §2)
+    assert "yes" in first["answer_extraction"]["answers"]  # always added (docs/methods.md#answer-extraction)
     assert first["answer_extraction"]["extractor"] in ("rule",) or first["answer_extraction"]["extractor"].startswith("spacy")
     qa = first["question_generation"]
     assert len(qa["questions"]) == len(qa["answers"]) == len(first["answer_extraction"]["answers"])
@@ -66,8 +69,22 @@ def test_img2llm_cli_on_sample(tmp_path, tiny_zoo):
     assert (tmp_path / "run" / "report.html").is_file()
 
 
+def _pool_representatives(items):
+    """Question ids whose (image, question) the pool captioner runs: the first pool question per image."""
+    first = {}
+    for item in items:
+        first.setdefault(item.image_id, item.question_id)
+    return set(first.values())
+
+
+@pytest.mark.slow
 def test_pica_on_sample_uses_its_own_items_as_the_pool(tmp_path, tiny_zoo):
-    overrides = ["examples.pool_dataset=sample", "examples.n_shot=3", "prompt.n_shot=3"]
+    """pool_dataset: auto on the sample pools the sample; the prompt slices by the selection's settings;
+    pool captions are the caption stage's own cache entries even with non-default caption settings."""
+    from capvqa.engine.store import CacheStore
+
+    # tiny CLIP's tags are near-uniform: threshold 0 keeps top_k of them, so the wired tags show in the text
+    overrides = ["examples.n_shot=3", "caption.num_beams=2", "tags.threshold=0.0"]
     result = Pipeline.from_yaml("pica-full", overrides, models="tiny").run(
         open_dataset("sample", limit=5), cache_dir=tmp_path / "c", out_dir=tmp_path / "pica")
     assert len(result.predictions) == 5
@@ -75,23 +92,53 @@ def test_pica_on_sample_uses_its_own_items_as_the_pool(tmp_path, tiny_zoo):
         stages = record["stages"]
         examples = stages["examples"]["examples"]
         assert len(examples) == 3 * 5  # n_shot x n_ensemble
+        assert (stages["examples"]["n_shot"], stages["examples"]["n_ensemble"]) == (3, 5)
         assert record["question_id"] not in {e["question_id"] for e in examples}
         prompts = stages["prompt"]["prompts"]
-        assert len(prompts) == 5
+        assert len(prompts) == 5 and all(p.count("\nQ: ") == 3 + 1 for p in prompts)
         assert prompts[0].startswith("Please answer the question according to the above context.\n===\n")
         assert prompts[0].endswith(f"Q: {record['question']}\nA:")
+        assert stages["tags"]["tags"]
+        assert f". {', '.join(stages['tags']['tags'])}\n===\nQ: {record['question']}" in prompts[0]  # tags wired
         assert f"Q: {examples[3]['question']}\nA: {examples[3]['answer']}\n" in prompts[1]  # ranks 3..5
         assert len(stages["llm"]["candidates"]) == 5
         best = max(c["logprob"] for c in stages["llm"]["candidates"])
         assert stages["llm"]["logprob"] == best
+    saved = yaml.safe_load((tmp_path / "pica" / "config.yaml").read_text())["stages"]
+    assert (saved["examples"]["pool_dataset"], saved["examples"]["pool_split"]) == ("sample", "val2014")
+    assert saved["examples"]["pool_captioner"] == "caption" and set(saved["prompt"]) == {"type", "inputs"}
+    # one entry per pool image (its first question) plus the queries that are not such a first question:
+    # the queries that are share their entry with the pool captioner (same config, same dtype)
+    queries = [item.question_id for item in open_dataset("sample", limit=5)]
+    representatives = _pool_representatives(open_dataset("sample"))
+    expected = len(representatives) + len([q for q in queries if q not in representatives])
+    assert {u.stage: u.entries for u in CacheStore(tmp_path / "c").usage()}["image_captioning"] == expected
 
 
-def test_pica_rejects_prompt_and_selection_settings_that_disagree(tmp_path, tiny_zoo):
-    import pytest
+@pytest.mark.slow
+def test_pica_cli_on_sample_sets_shots_once(tmp_path, tiny_zoo):
+    """`capvqa run pica --dataset sample --models tiny --limit 4 --set examples.n_shot=3` needs nothing
+    else: the sample is its own pool, every prompt holds 3 examples, and the saved config reruns as is."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    common = ["--quiet", "--no-report", "--cache-dir", str(tmp_path / "c")]
+    done = subprocess.run(
+        [sys.executable, "-m", "capvqa", "run", "pica", "--dataset", "sample", "--models", "tiny", "--limit", "4",
+         "--set", "examples.n_shot=3", *common, "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = records(tmp_path / "run")
+    assert len(lines) == 4
+    for record in lines:
+        (prompt,) = record["stages"]["prompt"]["prompts"]
+        assert prompt.count("\nQ: ") == 3 + 1 and record["stages"]["prompt"]["num_examples"] == 3
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["stages"]["examples"]
+    assert (saved["pool_dataset"], saved["n_shot"]) == ("sample", 3)
 
-    from capvqa.errors import ConfigError
-
-    overrides = ["examples.pool_dataset=sample", "examples.n_shot=3", "prompt.n_shot=3", "prompt.n_ensemble=2"]
-    with pytest.raises(ConfigError, match="n_ensemble"):
-        Pipeline.from_yaml("pica", overrides, models="tiny").run(open_dataset("sample", limit=2),
-                                                                 cache_dir=tmp_path / "c")
+    again = subprocess.run(
+        [sys.executable, "-m", "capvqa", "run", str(tmp_path / "run" / "config.yaml"), *common,
+         "--out", str(tmp_path / "again")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr
+    timings = json.loads((tmp_path / "again" / "timings.json").read_text())["stages"]
+    assert all(stage["computed"] == 0 for stage in timings.values()), timings
+    assert records(tmp_path / "again") == lines

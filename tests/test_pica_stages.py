@@ -59,22 +59,23 @@ def test_ensemble_slices_take_consecutive_ranks():
     assert ensemble_slices(list(range(4)), 3, 2) == [[0, 1, 2], [3]]  # short pool: shorter last prompt
 
 
-def _prompt_input(tags=None, question="What is it?"):
+def _prompt_input(tags=None, question="What is it?", n_shot=1, n_ensemble=1, extra=None):
     from capvqa.stages.clip_tags import ImageTags
     from capvqa.stages.image_captioning import ImageCaption
 
     upstream = {
         "caption": ImageCaption(caption="a cat on a mat"),
-        "examples": InContextExamples(examples=EXAMPLES),
+        "examples": InContextExamples(examples=EXAMPLES, n_shot=n_shot, n_ensemble=n_ensemble),
     }
     if tags is not None:
         upstream["tags"] = ImageTags(tags=tags, scores=[0.5] * len(tags))
+    upstream.update(extra or {})
     item = VQAItem(question_id=1, image_id=1, question=question, image=ImageRef(data=b"x"))
     return StageInput(item=item, item_key="k", image_hash="h", upstream=upstream)
 
 
 def test_stage_builds_ensemble_prompts_from_rank_slices():
-    out = PicaPrompt(n_shot=2, n_ensemble=2).run([_prompt_input()])[0]
+    out = PicaPrompt().run([_prompt_input(n_shot=2, n_ensemble=2)])[0]
     assert out.num_examples == 4
     assert out.prompts == [
         PICA_HEADER
@@ -86,18 +87,99 @@ def test_stage_builds_ensemble_prompts_from_rank_slices():
     ]
 
 
-def test_stage_with_tags_puts_them_on_the_query_only():
-    with_tags = PicaPrompt(n_shot=1, use_tags=True).run([_prompt_input(tags=["cat", "mat"])])[0]
+def test_stage_slices_by_the_selection_record_alone():
+    """Shots and ensemble are the selection's (stated once): the same stage slices any record as it says."""
+    from capvqa.engine.stage import semantic_config
+    from capvqa.stages.pica_prompt import PicaPromptConfig
+
+    stage = PicaPrompt()
+    three_of_one = stage.run([_prompt_input(n_shot=1, n_ensemble=3)])[0]
+    assert [p.count("\nQ: q") for p in three_of_one.prompts] == [1, 1, 1]
+    assert ["Q: q0?" in three_of_one.prompts[0], "Q: q2?" in three_of_one.prompts[2]] == [True, True]
+    one_of_three = stage.run([_prompt_input(n_shot=3, n_ensemble=1)])[0]
+    assert len(one_of_three.prompts) == 1 and one_of_three.num_examples == 3
+    assert semantic_config(PicaPromptConfig()) == {}  # nothing of its own could disagree with the selection
+    with pytest.raises(TypeError):
+        PicaPrompt(n_shot=3)  # the setting no longer exists on the prompt stage
+
+
+def test_tags_are_used_exactly_when_a_tags_input_is_wired():
+    with_tags = PicaPrompt().run([_prompt_input(tags=["cat", "mat"])])[0]
     assert with_tags.prompts == [
         PICA_HEADER + "Context: cap 0\n===\nQ: q0?\nA: a0\n\n===\n"
         "Context: a cat on a mat. cat, mat\n===\nQ: What is it?\nA:"
     ]
-    ignored = PicaPrompt(n_shot=1, use_tags=False).run([_prompt_input(tags=["cat"])])[0]
-    assert "Context: a cat on a mat\n" in ignored.prompts[0]
-    no_tags_passed = PicaPrompt(n_shot=1, use_tags=True).run([_prompt_input(tags=[])])[0]
-    assert "Context: a cat on a mat\n" in no_tags_passed.prompts[0]
-    with pytest.raises(ConfigError, match="tags"):
-        PicaPrompt(use_tags=True).run([_prompt_input()])
+    not_wired = PicaPrompt().run([_prompt_input()])[0]
+    assert "Context: a cat on a mat\n" in not_wired.prompts[0]
+    no_tags_found = PicaPrompt().run([_prompt_input(tags=[])])[0]
+    assert "Context: a cat on a mat\n" in no_tags_found.prompts[0]
+
+
+def test_an_input_the_prompt_does_not_read_is_an_error():
+    from capvqa.stages.clip_tags import ImageTags
+
+    with pytest.raises(ConfigError, match=r"optionally \['tags'\].*\['tag'\]"):
+        PicaPrompt().run([_prompt_input(extra={"tag": ImageTags(tags=["cat"], scores=[0.5])})])
+
+
+def _saved_config(tmp_path, edit):
+    import yaml
+
+    from capvqa.engine.config import load_spec
+
+    data = load_spec("pica-full").to_dict()
+    edit(data["stages"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_shots_are_set_once_on_the_selection(tmp_path):
+    """The prompt stage has no n_shot/n_ensemble/use_tags: an override or a run config saved before this
+    change that states them is rejected when it loads (before anything runs), naming the keys."""
+    from capvqa.engine.config import load_spec
+
+    with pytest.raises(ConfigError, match=r"unknown key 'prompt\.n_shot'"):
+        load_spec("pica", ["prompt.n_shot=3"])
+    old_run = _saved_config(tmp_path, lambda stages: stages["prompt"].update(n_shot=16, n_ensemble=5, use_tags=True))
+    with pytest.raises(ConfigError, match=r"stage 'prompt' has unknown parameters \['n_ensemble', 'n_shot', 'use_tags'\]"):
+        load_spec(old_run)
+    spec = load_spec("pica-full", ["examples.n_shot=3"])
+    assert spec.stage("examples").params["n_shot"] == 3 and "n_shot" not in spec.stage("prompt").params
+
+
+def test_prompt_inputs_are_checked_when_the_config_loads(tmp_path):
+    from capvqa.engine.config import load_spec
+
+    wrong_tags = _saved_config(tmp_path, lambda stages: stages["prompt"]["inputs"].update(tags="caption"))
+    with pytest.raises(ConfigError, match=r"stage 'prompt'.*input 'tags'.*'caption'.*tags"):
+        load_spec(wrong_tags)
+    wrong_examples = _saved_config(tmp_path, lambda stages: stages["prompt"]["inputs"].update(examples="tags"))
+    with pytest.raises(ConfigError, match=r"stage 'prompt'.*input 'examples'.*'tags'.*n_shot"):
+        load_spec(wrong_examples)
+
+
+def test_the_pool_captioner_is_the_pipelines_caption_stage():
+    """Config building gives examples.pool_captioner the caption stage's own config, overrides included."""
+    from capvqa.engine.config import build_stage_config, load_spec
+    from capvqa.engine.runner import BoundStage
+    from capvqa.stages.example_selection import ExampleSelection
+    from capvqa.stages.image_captioning import ImageCaptioning
+
+    spec = load_spec("pica", ["caption.num_beams=2", "caption.max_length=12", "models.captioner=some/captioner"])
+    caption = build_stage_config(spec, spec.stage("caption"))
+    pooled = build_stage_config(spec, spec.stage("examples")).pool_captioner
+    assert pooled == caption and (pooled.num_beams, pooled.max_length, pooled.model) == (2, 12, "some/captioner")
+    assert spec.to_dict()["stages"]["examples"]["pool_captioner"] == "caption"  # saved as the stage's name
+    # the selection's key holds the caption stage's fingerprint (its settings), not a copy of a default
+    selection = ExampleSelection(build_stage_config(spec, spec.stage("examples")))
+    assert selection._pool_captioner_config() == caption
+    assert BoundStage.create("x", ImageCaptioning(caption), {}).fingerprint != BoundStage.create(
+        "x", ImageCaptioning(replace(caption, num_beams=3)), {}).fingerprint
+    with pytest.raises(ConfigError, match=r"pool_captioner names stage 'nope'.*stages: \['caption'"):
+        load_spec("pica", ["examples.pool_captioner=nope"])
+    with pytest.raises(ConfigError, match=r"pool_captioner names stage 'examples'"):
+        load_spec("pica", ["examples.pool_captioner=examples"])
 
 
 # ----------------------------------------------------------------------------------- COCO captions

@@ -211,6 +211,17 @@ def test_published_img2llm_and_pica() -> None:
     assert lookup_published(pica).result.accuracy == 46.9
 
 
+def test_shipped_pica_configs_map_to_their_published_settings() -> None:
+    """Tags are used exactly when a stage reads a tags input (pica-full), as the prompt stage decides."""
+    from capvqa.engine.config import load_spec
+    from capvqa.report.published import model_size
+
+    full = load_spec("pica-full").to_dict()
+    assert model_size("pica", full["models"], full) == ("full+tags", "")
+    plain = load_spec("pica", ["examples.n_ensemble=5"]).to_dict()
+    assert model_size("pica", plain["models"], plain) == ("full", "")
+
+
 def test_dataset_key_mapping() -> None:
     assert dataset_key({"dataset": "okvqa"}) == "okvqa-test"
     assert dataset_key({"dataset": "vqav2", "split": "train2014"}) is None

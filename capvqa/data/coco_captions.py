@@ -1,7 +1,7 @@
 """COCO caption annotations (``captions_train2014.json`` and its kind): image id -> human captions.
 
-PICa (SPEC §3) writes each in-context example's context as a ground-truth COCO caption of the example's
-image. The file format::
+PICa writes each in-context example's context as a ground-truth COCO caption of the example's image
+(docs/methods.md#example-selection). The file format::
 
     {"annotations": [{"image_id": 318556, "id": 48, "caption": "A very clean and well decorated ..."}, ...],
      "images": [...], "info": ..., "licenses": ...}

@@ -1,8 +1,8 @@
 """PICa's pool of in-context examples: training questions with an answer, a caption and CLIP embeddings.
 
-PICa (SPEC §3) picks its few-shot examples from the training split by CLIP similarity to the query. The
-pool is dataset-level state, not per-item state, so it does not fit the per-item stage cache; it is built
-here once per (pool, CLIP model) and kept on disk:
+PICa (docs/methods.md#example-selection) picks its few-shot examples from the training split by CLIP
+similarity to the query. The pool is dataset-level state, not per-item state, so it does not fit the
+per-item stage cache; it is built here once per (pool, CLIP model) and kept on disk:
 
 - **Embeddings** are stored per *distinct* question text and per *distinct* image (VQAv2 train has 443k
   questions but 82k images and far fewer distinct question strings), each array under
@@ -12,10 +12,16 @@ here once per (pool, CLIP model) and kept on disk:
   fingerprint and :data:`POOL_CACHE_VERSION`. Content hashing rather than question ids means a moved or
   re-downloaded dataset keeps its arrays, and an edited one never reuses stale rows.
 - **Captions** come from a COCO captions file (the image's first caption, see
-  :mod:`capvqa.data.coco_captions`) or, for images it lacks, from the
-  :class:`~capvqa.stages.image_captioning.ImageCaptioning` stage run through the ordinary
-  :class:`~capvqa.engine.runner.PipelineRunner` and stage cache, so pool captions are computed once and
-  shared with any pipeline that captions the same images with the same settings.
+  :mod:`capvqa.data.coco_captions`) or, for images it lacks, from the pipeline's own caption stage
+  (:class:`~capvqa.stages.image_captioning.ImageCaptioning` with exactly that stage's config and the run's
+  dtype) run through the ordinary :class:`~capvqa.engine.runner.PipelineRunner` and stage cache: a pool
+  image is captioned once, and its entry is the very one the caption stage reads for the same image and
+  question.
+- **The content fingerprint** (:func:`pool_content_fingerprint`, part of the selection's cache key) reads
+  the pool's whole questions and answers. For pools read from files it is memoised under
+  ``{cache_dir}/example-pools/`` by the files' identity (path, size, mtime, inode), so a fully cached
+  rerun does not read the pool again; an edited file has a new identity and is read again
+  (:func:`memoised_pool_fingerprint`).
 
 CLIP features come from :class:`capvqa.models.clip_encoder.ClipEncoder`, shared with the tags stage.
 """
@@ -23,11 +29,12 @@ CLIP features come from :class:`capvqa.models.clip_encoder.ClipEncoder`, shared 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,11 +45,16 @@ from capvqa.engine.keys import canonical_json, sha256_hex
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import DataError
 
+if TYPE_CHECKING:
+    from capvqa.stages.image_captioning import ImageCaptioningConfig
+
 log = logging.getLogger(__name__)
 
 #: Bump when the way pool embeddings are computed changes (preprocessing, normalisation, dtype).
 POOL_CACHE_VERSION = 1
 POOL_CACHE_SUBDIR = "example-pools"
+#: Bump when :func:`pool_content_fingerprint` changes what it hashes (old memos are then never read).
+POOL_FINGERPRINT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------- records
@@ -178,6 +190,102 @@ def pool_content_fingerprint(pool: Any, captions_file: str | Path | None = None)
     return digest.hexdigest()
 
 
+def pool_source_files(dataset: str, split: str | None, data_root: Path | None) -> list[Path] | None:
+    """The files an ``open_dataset`` pool reads its questions and answers from, named without reading
+    them: the questions and annotations files of ``sample``, a folder or an official split, every file of
+    a local Hugging Face dataset. None when they cannot be named (a hub dataset, an official split without
+    a data root, an unknown spec): the caller then reads the pool itself, which also raises the loader's
+    clear error for a missing dataset.
+    """
+    from capvqa.data.datasets import HF_PREFIX, okvqa_layout, vqav2_layout
+    from capvqa.data.folder import ANNOTATIONS_FILE, QUESTIONS_FILE, is_dataset_folder
+    from capvqa.resources import sample_dir
+
+    spec = dataset.strip()
+    if spec in ("vqav2", "okvqa"):
+        if data_root is None or split is None:
+            return None
+        try:
+            layout = (vqav2_layout if spec == "vqav2" else okvqa_layout)(Path(data_root), split)
+        except DataError:
+            return None  # an unknown split: opening the pool names the valid ones
+        return [path for path in (layout.questions, layout.annotations) if path is not None]
+    if spec.startswith(HF_PREFIX):
+        local = Path(spec[len(HF_PREFIX) :].strip()).expanduser()
+        if local.is_file():
+            return [local]
+        if local.is_dir():
+            return sorted(path for path in local.rglob("*") if path.is_file())
+        return None  # a hub name: its files live in the Hugging Face cache, not named here
+    folder = sample_dir() if spec == "sample" else Path(spec).expanduser()
+    if not is_dataset_folder(folder):
+        return None
+    return [path for path in (folder / QUESTIONS_FILE, folder / ANNOTATIONS_FILE) if path.is_file()]
+
+
+def file_identity(path: Path) -> list[Any]:
+    """What says a file is unchanged without reading it: resolved path, size, mtime (ns) and inode."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def memoised_pool_fingerprint(
+    *,
+    dataset: str,
+    split: str | None,
+    data_root: Path | None,
+    limit: int | None,
+    captions_file: str | Path | None,
+    open_pool: Callable[[], Any],
+    memo_dir: Path,
+) -> str:
+    """:func:`pool_content_fingerprint` of the pool ``open_pool()`` opens, memoised in ``memo_dir``.
+
+    The memo is keyed by the identity (:func:`file_identity`) of every file the pool and the captions
+    file are read from, and by what selects the pool's rows (dataset, split, limit). A fully cached rerun
+    thus stats a few files instead of parsing the whole pool; a file edited or replaced has a new size,
+    mtime or inode, and the pool is read again. The identities are taken before the pool is read, so a
+    file changed meanwhile can only cause a miss later, never a stale hit. Pools whose files cannot be
+    named (:func:`pool_source_files`) are read every time. A memo that cannot be written is only logged.
+    """
+    files = pool_source_files(dataset, split, data_root)
+    if files is None:
+        return pool_content_fingerprint(open_pool(), captions_file)
+    if captions_file is not None:
+        files = [*files, Path(captions_file).expanduser()]
+    try:
+        identities = [file_identity(path) for path in files]
+    except OSError:
+        return pool_content_fingerprint(open_pool(), captions_file)  # raises the clear error
+    key = sha256_hex(
+        canonical_json(
+            {
+                "version": POOL_FINGERPRINT_VERSION,
+                "dataset": dataset.strip(),
+                "split": split,
+                "limit": limit,
+                "captions": captions_file is not None,
+                "files": identities,
+            }
+        )
+    )
+    memo = Path(memo_dir) / f"fingerprint-{key}.json"
+    try:
+        fingerprint = json.loads(memo.read_text(encoding="utf-8"))["fingerprint"]
+        if isinstance(fingerprint, str) and len(fingerprint) == 64:
+            return fingerprint
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no memo yet, or an unreadable one: compute and (re)write it
+    fingerprint = pool_content_fingerprint(open_pool(), captions_file)
+    try:
+        with atomic_open(memo, "w") as handle:
+            json.dump({"fingerprint": fingerprint, "files": identities}, handle)
+    except OSError as error:
+        log.warning("could not memoise the example pool's fingerprint in %s (%s); it is read again next time",
+                    memo, error)
+    return fingerprint
+
+
 def read_pool_entries(
     items: Iterable[VQAItem], image_hash: Callable[[VQAItem], str]
 ) -> tuple[list[PoolEntry], int]:
@@ -210,16 +318,17 @@ def read_pool_entries(
 def generate_captions(
     entries: Sequence[PoolEntry],
     *,
-    model: str,
-    revision: str | None,
-    batch_size: int,
+    captioner: ImageCaptioningConfig,
     runtime: Runtime,
     store: Any,
 ) -> dict[str, str]:
     """``{image_hash: caption}`` for the entries' images, from the ImageCaptioning stage and its cache.
 
-    One representative question per distinct image is run (the caption ignores the question), so a
-    VQAv2-sized pool is captioned once per image, not once per question.
+    ``captioner`` is the pipeline's caption stage config, and the stage is keyed with the run's dtype as
+    the engine keys every stage (:meth:`~capvqa.engine.runner.BoundStage.create`), so a pool caption is
+    the same cache entry as the caption stage's result for the same image and question, and fp32 and
+    bf16 captions are never mixed. One representative question per distinct image is run (the caption
+    ignores the question), so a VQAv2-sized pool is captioned once per image, not once per question.
     """
     from capvqa.engine.runner import BoundStage, PipelineRunner
     from capvqa.stages.image_captioning import ImageCaptioning
@@ -235,8 +344,7 @@ def generate_captions(
             )
     if not representatives:
         return {}
-    stage = ImageCaptioning(model=model, revision=revision, batch_size=batch_size)
-    bound = BoundStage.create("pool_captioning", stage, {})
+    bound = BoundStage.create("pool_captioning", ImageCaptioning(captioner), {}, runtime.dtype_name)
     runner = PipelineRunner([bound], store, runtime)
     items = list(representatives.values())
     runner.run_stage(bound, items, total=len(items))

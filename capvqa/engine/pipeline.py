@@ -122,11 +122,12 @@ class Pipeline:
         """Instantiate every stage (configs only; weights load lazily on the first cache miss)."""
         spec = spec or self.resolved_spec()
         dtype = runtime.dtype_name if runtime is not None else None
+        cache_dir = runtime.cache_dir if runtime is not None else None
         bound = []
         for stage_spec in spec.stages:
             stage_class = resolve_stage_type(stage_spec.type)
             stage = stage_class(build_stage_config(spec, stage_spec))
-            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype))
+            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype, cache_dir))
         return bound
 
     # -- running -------------------------------------------------------------------------------------

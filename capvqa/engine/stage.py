@@ -79,7 +79,7 @@ class Stage(Protocol):
 
     - ``cost(input) -> int``: the engine then runs the longest items first, so padding is small and an
       out-of-memory error shows at once;
-    - ``model_fingerprints() -> dict[str, str]``: what identifies the stage's models (and any other
+    - ``model_fingerprints(cache_dir=None) -> dict[str, str]``: what identifies the stage's models (and any other
       dataset-level state it reads) in the cache key, when ``MODEL_FIELDS`` alone does not say it;
     - classmethod ``resolve_params(params, dataset: DatasetContext) -> params``: settings that depend on
       the run's dataset, resolved to concrete values before the config is built (and so recorded in the

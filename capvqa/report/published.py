@@ -1,4 +1,4 @@
-"""Published VQA accuracies (SPEC §1-§3) and the rule that decides whether one applies to a run.
+"""Published VQA accuracies (tables in docs/methods.md) and the rule that decides whether one applies to a run.
 
 A delta against a paper is only meaningful when the run is the paper's setting: the same method, the
 same model size, the same dataset split. Everything is decided from the run's ``config.yaml``; when a
@@ -152,9 +152,8 @@ def model_size(method: str, models: dict[str, Any], config: dict[str, Any]) -> t
     if method == "pica":
         params = _all_stage_params(config)
         ensemble = _first_param(params, ("n_ensemble", "num_ensemble", "ensemble"))
-        tags = _first_param(params, ("use_tags", "tags", "with_tags", "num_tags"))
         selection = str(_first_param(params, ("mode", "example_selection", "selection")) or "")
-        uses_tags = bool(tags) and tags not in ("none", "off", "false", 0)
+        uses_tags = _pica_uses_tags(config, params)
         if _as_int(ensemble) >= 5 and "random" not in selection:
             return ("full+tags" if uses_tags else "full"), ""
         if "random" in selection and uses_tags:
@@ -207,6 +206,16 @@ def _caveats(method: str, config: dict[str, Any], num_questions: int | None) -> 
         if llm and "davinci" not in llm.lower() and "gpt-3" not in llm.lower():
             notes.append(f"LLM is {llm}, the paper used GPT-3 (davinci)")
     return notes
+
+
+def _pica_uses_tags(config: dict[str, Any], params: dict[str, Any]) -> bool:
+    """Tags are used when a stage reads a ``tags`` input; configs saved before that rule said
+    ``use_tags`` (or a similar flag) on the prompt stage."""
+    stages = [s for s in (config.get("stages") or {}).values() if isinstance(s, dict)]
+    if any("tags" in (stage.get("inputs") or {}) for stage in stages):
+        return True
+    flag = _first_param(params, ("use_tags", "with_tags", "num_tags"))
+    return bool(flag) and flag not in ("none", "off", "false", 0)
 
 
 def _all_stage_params(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""PICa in-context example selection: the training questions most similar to the query (SPEC §3).
+"""PICa in-context example selection: the training questions most similar to the query.
 
-PICa scores every training question by CLIP similarity to the query -- question to question plus image to
-image (ViT-B/16, "question+image"), question alone ("question"), or not at all ("random") -- and fills
-``n_ensemble`` prompts of ``n_shot`` examples from the ranks: prompt r gets ranks [r*n_shot, (r+1)*n_shot).
-This stage returns the top ``n_shot * n_ensemble`` examples, ranked; :mod:`capvqa.stages.pica_prompt`
-slices them into prompts.
+PICa (docs/methods.md#example-selection) scores every training question by CLIP similarity to the
+query -- question to question plus image to image (ViT-B/16, "question+image"), question alone
+("question"), or not at all ("random") -- and fills ``n_ensemble`` prompts of ``n_shot`` examples from
+the ranks: prompt r gets ranks [r*n_shot, (r+1)*n_shot). This stage returns the top ``n_shot *
+n_ensemble`` examples, ranked, with ``n_shot`` and ``n_ensemble`` in the record;
+:mod:`capvqa.stages.pica_prompt` slices them into prompts from the record alone, so the two stages cannot
+disagree.
 
 Differences from the original code (``microsoft/PICa``, ``gpt3_api_okvqa.py``), on purpose:
 
@@ -20,19 +22,30 @@ Differences from the original code (``microsoft/PICa``, ``gpt3_api_okvqa.py``), 
 - pool questions without a question text or a first answer are left out of the pool (the original
   re-draws a random one when it meets them).
 
-The pool (captions, embeddings, disk cache) is assembled in :mod:`capvqa.data.example_pool`. Two
-models enter this stage's cache key (``MODEL_FIELDS``): the CLIP model and the pool captioner (the
-captioner's output reaches the examples' captions). So does the pool's content
-(:func:`~capvqa.data.example_pool.pool_content_fingerprint`: its questions, answers and captions file),
-read when the stage is placed in a pipeline, so edited annotations or captions never serve stale
-selections (an image re-encoded in place under the same id is not seen).
+Which pool: ``pool_dataset: auto`` (the default) is resolved from the run's dataset by
+:meth:`ExampleSelection.resolve_params` before the config is built -- a ``vqav2``/``okvqa`` run pools that
+dataset's train2014 split under the run's data root; any other dataset (``sample``, a folder, ``hf:...``)
+pools itself, its own split. The run's ``config.yaml`` records the resolved pool.
+
+Pool captions: an example's context is the first COCO caption of its image when ``pool_captions`` names a
+captions file; images it lacks are captioned by ``pool_captioner``, which names the pipeline stage whose
+captioner to reuse (``caption`` in ``pipelines/pica*.yaml``). Config building replaces the name by that
+stage's built config, so pool captions use exactly its settings and the run's dtype and share its cache
+entries; each setting is stated once, in the caption stage.
+
+The pool (captions, embeddings, disk cache) is assembled in :mod:`capvqa.data.example_pool`. This stage's
+cache key holds the CLIP model, the pool captioner (the caption stage's fingerprint: its settings and
+model) and the pool's content (:func:`~capvqa.data.example_pool.pool_content_fingerprint`: its questions,
+answers and captions file), so edited annotations or captions never serve stale selections (an image
+re-encoded in place under the same id is not seen). The content fingerprint is memoised by the pool
+files' identity, so a fully cached rerun does not read the pool again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,21 +60,24 @@ from capvqa.data.example_pool import (
     distinct_in_order,
     embedding_cache_key,
     generate_captions,
-    pool_content_fingerprint,
+    memoised_pool_fingerprint,
     read_pool_entries,
 )
 from capvqa.data.images import distinct_images
 from capvqa.data.official import normalize_id
 from capvqa.engine.runtime import Runtime
-from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.engine.stage import DatasetContext, StageInput, non_semantic
 from capvqa.errors import ConfigError, DataError
 from capvqa.models.clip_encoder import ClipEncoder
 from capvqa.models.loading import ModelRef, model_fingerprint
 from capvqa.ops.patch_sampling import item_rng
+from capvqa.stages.image_captioning import ImageCaptioning, ImageCaptioningConfig
 
 log = logging.getLogger(__name__)
 
 MODES = ("question+image", "question", "random")
+#: ``pool_dataset`` value resolved from the run's dataset (:meth:`ExampleSelection.resolve_params`).
+AUTO_POOL = "auto"
 #: Datasets whose pool defaults to the training split (``pool_split`` unset).
 _TRAIN_SPLIT_DATASETS = {"vqav2": "train2014", "okvqa": "train2014"}
 
@@ -70,19 +86,30 @@ _TRAIN_SPLIT_DATASETS = {"vqav2": "train2014", "okvqa": "train2014"}
 class ExampleSelectionConfig:
     clip_model: str = "openai/clip-vit-base-patch16"
     clip_revision: str | None = None
-    pool_dataset: str = "okvqa"  # any open_dataset spec: okvqa, vqav2, sample, hf:..., a folder
+    # "auto": resolved from the run's dataset (ExampleSelection.resolve_params); else any open_dataset
+    # spec: okvqa, vqav2, sample, hf:..., a folder
+    pool_dataset: str = AUTO_POOL
     pool_split: str | None = None  # None: train2014 for vqav2/okvqa, else the dataset's own split
-    pool_data_root: str | None = None
+    # Where vqav2/okvqa pool files live (the run's --data-root when unset). Not in the cache key: the pool's
+    # content is (model_fingerprints), so the same pool reached under another path keeps its selections.
+    # (Nor is the path of pool_captions below, for the same reason.)
+    pool_data_root: str | None = non_semantic(None)
     pool_limit: int | None = None  # the first N pool questions only (quick runs)
-    pool_captions: str | None = None  # COCO captions file (captions_train2014.json); None: caption them
-    pool_captioner_model: str = "Salesforce/blip-image-captioning-large"
-    pool_captioner_revision: str | None = None
+    # COCO captions file (captions_train2014.json); None: caption every pool image. Its content is in the
+    # key (model_fingerprints), its path is not.
+    pool_captions: str | None = non_semantic(None)
+    # The captioner of pool images without a COCO caption: in a pipeline config, the name of the stage
+    # whose config to reuse (config building puts that stage's ImageCaptioningConfig here); alone, an
+    # ImageCaptioningConfig; None: every pool image needs a COCO caption. Kept out of the semantic config
+    # because its identity enters the key as the caption stage's fingerprint (model_fingerprints).
+    pool_captioner: str | ImageCaptioningConfig | None = field(
+        default=None, metadata={"semantic": False, "stage_config": True}
+    )
     mode: str = "question+image"
     n_shot: int = 16
     n_ensemble: int = 1
     seed: int = 42
     batch_size: int = non_semantic(64)  # CLIP batches
-    pool_captioner_batch_size: int = non_semantic(16)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,6 +118,14 @@ class ExampleSelectionConfig:
             raise ConfigError(f"n_shot and n_ensemble must be >= 1, got {self.n_shot} and {self.n_ensemble}")
         if self.pool_limit is not None and self.pool_limit < 1:
             raise ConfigError(f"pool_limit must be >= 1 or unset, got {self.pool_limit}")
+        if not isinstance(self.pool_dataset, str) or not self.pool_dataset.strip():
+            raise ConfigError(f"pool_dataset must name a dataset (or be 'auto'), got {self.pool_dataset!r}")
+        captioner = self.pool_captioner
+        if captioner is not None and not isinstance(captioner, (str, ImageCaptioningConfig)):
+            raise ConfigError(
+                "pool_captioner must name the pipeline's caption stage (e.g. caption), or be an "
+                f"ImageCaptioningConfig when the stage is used alone; got {self.pool_captioner!r}"
+            )
 
     @property
     def num_examples(self) -> int:
@@ -101,12 +136,13 @@ class ExampleSelectionConfig:
 class InContextExamples:
     """Ranked examples, best first; each ``{"question_id", "question", "answer", "caption", "score"}``.
 
-    ``score`` is the CLIP similarity (question + image, or question), None in random mode.
+    ``score`` is the CLIP similarity (question + image, or question), None in random mode. ``n_shot`` and
+    ``n_ensemble`` are the selection's settings: the prompt stage slices ``examples`` by them.
     """
 
     examples: list[dict]
-    n_shot: int | None = None  # the selection's settings, so the prompt stage can check it slices alike
-    n_ensemble: int | None = None
+    n_shot: int
+    n_ensemble: int
 
 
 # ------------------------------------------------------------------------------------ pure ranking
@@ -115,6 +151,20 @@ class InContextExamples:
 def resolve_pool_split(dataset: str, split: str | None) -> str | None:
     """The pool split: the given one, else train2014 for the official datasets, else the dataset's own."""
     return split if split is not None else _TRAIN_SPLIT_DATASETS.get(dataset.strip())
+
+
+def _absolute_spec(spec: str) -> str:
+    """A dataset spec with a local folder or ``hf:`` path made absolute (names are kept as they are)."""
+    from capvqa.data.datasets import HF_PREFIX
+
+    spec = spec.strip()
+    if spec in ("sample", *_TRAIN_SPLIT_DATASETS):
+        return spec
+    if spec.startswith(HF_PREFIX):
+        local = Path(spec[len(HF_PREFIX) :].strip()).expanduser()
+        return f"{HF_PREFIX}{local.resolve()}" if local.exists() else spec
+    local = Path(spec).expanduser()
+    return str(local.resolve()) if local.exists() else spec
 
 
 def similarity_scores(
@@ -193,7 +243,7 @@ class ExampleSelection:
     NAME: ClassVar[str] = "pica_example_selection"
     VERSION: ClassVar[str] = "1"
     INPUTS: ClassVar[tuple[str, ...]] = ()
-    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("clip_model", "pool_captioner_model")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("clip_model",)
     Config = ExampleSelectionConfig
     Output = InContextExamples
 
@@ -202,24 +252,102 @@ class ExampleSelection:
         self._encoder: ClipEncoder | None = None
         self.report: PoolReport | None = None
 
-    def model_fingerprints(self) -> dict[str, str]:
-        """The CLIP model and pool captioner, fingerprinted as any stage's models, and the pool's content.
+    @classmethod
+    def resolve_params(cls, params: Mapping[str, Any], dataset: DatasetContext) -> dict[str, Any]:
+        """``params`` with the pool resolved against the run's dataset, to concrete values.
 
-        The pool's questions and answers are read (no images) when the stage is placed in a pipeline,
-        on every run, so a fully cached rerun also needs the pool's files.
+        - ``pool_dataset: auto`` -> on a ``vqav2``/``okvqa`` run, that dataset's ``train2014`` split; on
+          any other dataset (``sample``, a folder, ``hf:...``), the run's dataset itself, its split (the
+          query is never its own example, see :meth:`excluded_rows`). Left ``auto`` when the run's dataset
+          is unknown (``dataset.spec`` None): building the stage then asks for an explicit pool.
+        - an explicit ``pool_dataset`` wins; ``pool_split`` unset becomes ``train2014`` for vqav2/okvqa.
+        - a vqav2/okvqa pool without ``pool_data_root`` takes the run's data root.
+
+        Local paths (a folder or ``hf:`` path pool, ``pool_data_root``, ``pool_captions``) are made absolute,
+        so the saved ``config.yaml`` reruns from any directory.
         """
-        from capvqa.engine.runner import default_model_fingerprints
+        resolved = dict(params)
+        pool = str(params.get("pool_dataset", AUTO_POOL)).strip()
+        if pool == AUTO_POOL:
+            if dataset.spec is None:
+                return resolved
+            pool = dataset.spec.strip()
+            if params.get("pool_split") is None and pool not in _TRAIN_SPLIT_DATASETS:
+                resolved["pool_split"] = dataset.split
+        pool = _absolute_spec(pool)
+        resolved["pool_dataset"] = pool
+        if params.get("pool_split") is None and pool in _TRAIN_SPLIT_DATASETS:
+            resolved["pool_split"] = _TRAIN_SPLIT_DATASETS[pool]
+        data_root = params.get("pool_data_root")
+        if data_root is None and pool in _TRAIN_SPLIT_DATASETS:
+            data_root = dataset.data_root
+        for name, path in (("pool_data_root", data_root), ("pool_captions", params.get("pool_captions"))):
+            if path is not None and str(path).strip():
+                resolved[name] = str(Path(path).expanduser().resolve())
+        return resolved
 
-        return {**default_model_fingerprints(self),
-                "pool": pool_content_fingerprint(self._open_pool(), self.config.pool_captions)}
+    def model_fingerprints(self, cache_dir: Path | None = None) -> dict[str, str]:
+        """What enters the cache key beside the semantic config: the CLIP model (as any stage's model),
+        the pool captioner (the caption stage's fingerprint: its settings and model) and the pool's content.
+
+        The content fingerprint is memoised under ``cache_dir`` (default: the default cache directory) by
+        the pool files' identity (:func:`~capvqa.data.example_pool.memoised_pool_fingerprint`), so a
+        fully cached rerun stats the pool's files instead of reading them.
+        """
+        from capvqa.engine.runner import BoundStage, default_model_fingerprints
+        from capvqa.engine.store import default_cache_dir
+
+        cfg = self.config
+        models = default_model_fingerprints(self)
+        captioner = self._pool_captioner_config()
+        if captioner is not None:
+            # no dtype here: the run's dtype enters this stage's own key, and pool captions run with it
+            pool_captioning = BoundStage.create("pool_captioning", ImageCaptioning(captioner), {})
+            models["pool_captioner"] = pool_captioning.fingerprint
+        dataset, split, data_root = self._pool_location()
+        models["pool"] = memoised_pool_fingerprint(
+            dataset=dataset,
+            split=split,
+            data_root=data_root,
+            limit=cfg.pool_limit,
+            captions_file=cfg.pool_captions,
+            open_pool=self._open_pool,
+            memo_dir=Path(cache_dir if cache_dir is not None else default_cache_dir()) / POOL_CACHE_SUBDIR,
+        )
+        return models
+
+    def _pool_captioner_config(self) -> ImageCaptioningConfig | None:
+        cfg = self.config
+        if isinstance(cfg.pool_captioner, str):
+            raise ConfigError(
+                f"{self.NAME}: pool_captioner names the pipeline stage {cfg.pool_captioner!r}, which only a "
+                "pipeline config resolves; used alone, pass pool_captioner=ImageCaptioningConfig(model=...)"
+            )
+        if cfg.pool_captioner is None and not cfg.pool_captions:
+            raise ConfigError(
+                f"{self.NAME}: the pool's examples need captions: set pool_captioner to the pipeline's "
+                "caption stage (pool_captioner: caption) and/or pool_captions to a COCO captions file "
+                "(captions_train2014.json)"
+            )
+        return cfg.pool_captioner
+
+    def _pool_location(self) -> tuple[str, str | None, Path | None]:
+        """(dataset spec, split, data root) of the pool; ``auto`` must have been resolved by now."""
+        cfg = self.config
+        if cfg.pool_dataset.strip() == AUTO_POOL:
+            raise ConfigError(
+                f"{self.NAME}: pool_dataset is 'auto', which is resolved from the run's dataset only when a "
+                "pipeline runs on a dataset; set pool_dataset (okvqa, vqav2, sample, hf:NAME or a folder), "
+                "e.g. --set examples.pool_dataset=okvqa"
+            )
+        data_root = Path(cfg.pool_data_root).expanduser() if cfg.pool_data_root else None
+        return cfg.pool_dataset, resolve_pool_split(cfg.pool_dataset, cfg.pool_split), data_root
 
     def _open_pool(self) -> Any:
         from capvqa.data.datasets import open_dataset
 
-        cfg = self.config
-        self.pool_split = resolve_pool_split(cfg.pool_dataset, cfg.pool_split)
-        data_root = Path(cfg.pool_data_root).expanduser() if cfg.pool_data_root else None
-        return open_dataset(cfg.pool_dataset, split=self.pool_split, data_root=data_root, limit=cfg.pool_limit)
+        dataset, split, data_root = self._pool_location()
+        return open_dataset(dataset, split=split, data_root=data_root, limit=self.config.pool_limit)
 
     # -- setup: pool items -> captions (captioner, then freed) -> CLIP -> pool embeddings ------------
     # The captioner runs before CLIP is loaded so only one model is in memory at a time.
@@ -231,9 +359,13 @@ class ExampleSelection:
         cfg = self.config
         self.runtime = runtime
         cache_dir = Path(runtime.cache_dir) if runtime.cache_dir is not None else default_cache_dir()
+        _, self.pool_split, _ = self._pool_location()
         store = CacheStore(cache_dir)
-        entries, skipped = self._setup_pool_entries(ImageHasher(store))
-        self.captions, from_file = self._setup_pool_captions(entries, store)
+        try:
+            entries, skipped = self._setup_pool_entries(ImageHasher(store))
+            self.captions, from_file = self._setup_pool_captions(entries, store)
+        finally:
+            store.close()
         self.entries = entries
         self._setup_exclusion_index(entries)
         text_state = image_state = "unused"
@@ -270,7 +402,8 @@ class ExampleSelection:
         if not dataset.has_annotations:
             raise DataError(
                 f"the example pool {cfg.pool_dataset} {self.pool_split or ''} has no annotations; PICa's "
-                "examples need answers (use a training split such as okvqa train2014)"
+                "examples need answers: set examples.pool_dataset (and pool_split) to an annotated dataset, "
+                "e.g. okvqa (train2014 under --data-root)"
             )
         entries, skipped = read_pool_entries(dataset, hasher)
         if not entries:
@@ -280,7 +413,8 @@ class ExampleSelection:
         return entries, skipped
 
     def _setup_pool_captions(self, entries: list[PoolEntry], store: Any) -> tuple[list[str], int]:
-        """Each entry's caption: the image's first COCO caption when the file has one, else our own."""
+        """Each entry's caption: the image's first COCO caption when the file has one, else the pipeline
+        caption stage's caption (same config, the run's dtype, the same cache entries)."""
         from capvqa.data.coco_captions import first_caption, load_coco_captions
 
         cfg = self.config
@@ -289,13 +423,17 @@ class ExampleSelection:
             coco = load_coco_captions(cfg.pool_captions)
             from_file = [first_caption(coco, entry.image_id) for entry in entries]
         missing = [entry for entry, caption in zip(entries, from_file) if caption is None]
-        generated = generate_captions(
-            missing,
-            model=cfg.pool_captioner_model,
-            revision=cfg.pool_captioner_revision,
-            batch_size=cfg.pool_captioner_batch_size,
-            runtime=self.runtime,
-            store=store,
+        captioner = self._pool_captioner_config()
+        if missing and captioner is None:
+            raise DataError(
+                f"{len(missing)} example pool questions have an image without a caption in "
+                f"{cfg.pool_captions} (e.g. image {missing[0].image_id!r}); set examples.pool_captioner to the "
+                "pipeline's caption stage (e.g. caption) to caption them, or use a captions file that covers "
+                "the pool"
+            )
+        generated = (
+            generate_captions(missing, captioner=captioner, runtime=self.runtime, store=store)
+            if captioner is not None else {}
         )
         captions = [
             caption if caption is not None else generated[entry.image_hash]

@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from capvqa.engine.config import check_task
@@ -213,7 +214,7 @@ class LLMAnswerer:
             raise RuntimeError("LLMAnswerer.setup() must run before run()")
         return self._backend
 
-    def model_fingerprints(self) -> dict[str, str]:
+    def model_fingerprints(self, cache_dir: Path | None = None) -> dict[str, str]:
         """An API model is named by its server and model name (both semantic config fields); local
         models are fingerprinted like any other."""
         if self.config.backend == "openai":

@@ -1,4 +1,4 @@
-"""PICa's few-shot prompts: captioned training examples, then the captioned query (SPEC §3).
+"""PICa's few-shot prompts: captioned training examples, then the query (docs/methods.md#the-pica-prompt).
 
 The text is exactly the original code's (``microsoft/PICa``, ``gpt3_api_okvqa.py``)::
 
@@ -16,11 +16,24 @@ The text is exactly the original code's (``microsoft/PICa``, ``gpt3_api_okvqa.py
     Q: {question}
     A:
 
-With tags on, the query context is the caption, ``". "`` and the comma-joined tag names -- as the
-original builds ``caption + '. ' + ', '.join(tags)``; examples carry their caption alone. With
-``n_ensemble`` > 1, prompt r takes the ranked examples [r*n_shot, (r+1)*n_shot); the answer stage keeps
-the prompt whose answer has the highest summed log-probability. When the pool gave fewer examples than
-``n_shot * n_ensemble``, the last prompts are shorter (never padded with repeats).
+The stage has no setting of its own that changes the text; everything follows from its inputs, so no
+setting has to be stated twice:
+
+- ``n_shot`` and ``n_ensemble`` are read from the ``examples`` record
+  (:class:`~capvqa.stages.example_selection.InContextExamples`), i.e. set once on the selection stage
+  (``--set examples.n_shot=8``);
+- tags are used exactly when a ``tags`` input is wired (``inputs: {caption: ..., examples: ..., tags:
+  ...}`` as in ``pica-full``): the query context is then the caption, ``". "`` and the comma-joined tag
+  names -- as the original builds ``caption + '. ' + ', '.join(tags)``; examples carry their caption alone.
+
+With ``n_ensemble`` > 1, prompt r takes the ranked examples [r*n_shot, (r+1)*n_shot); the answer stage
+keeps the prompt whose answer has the highest summed log-probability. When the pool gave fewer examples
+than ``n_shot * n_ensemble``, the last prompts are shorter (never padded with repeats).
+
+Run configs saved before this (``config.yaml`` with ``prompt.n_shot``, ``prompt.n_ensemble`` or
+``prompt.use_tags``) are rejected when loaded, naming those keys: delete them (the selection's
+``n_shot``/``n_ensemble`` in the same file are what the prompts used, and ``use_tags: true`` went with a
+wired ``tags`` input).
 
 The text building is pure (:func:`pica_prompt`, :func:`query_context`); the stage only reads its inputs.
 """
@@ -80,16 +93,9 @@ def caption_text(record: Any) -> str:
 
 @dataclass(frozen=True)
 class PicaPromptConfig:
-    n_shot: int = 16
-    n_ensemble: int = 1
-    use_tags: bool = False  # needs a "tags" input (e.g. the clip_tags stage)
-    batch_size: int = non_semantic(256)
+    """No semantic setting: shots and ensemble come from the ``examples`` record, tags from the wiring."""
 
-    def __post_init__(self) -> None:
-        if self.n_shot < 0 or self.n_ensemble < 1:
-            raise ConfigError(
-                f"need n_shot >= 0 and n_ensemble >= 1, got {self.n_shot} and {self.n_ensemble}"
-            )
+    batch_size: int = non_semantic(256)
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,13 @@ class PicaPrompts:
 class PicaPrompt:
     NAME: ClassVar[str] = "pica_prompt"
     VERSION: ClassVar[str] = "1"
-    INPUTS: ClassVar[tuple[str, ...]] = ("caption", "examples")  # plus "tags" when use_tags is on
+    INPUTS: ClassVar[tuple[str, ...]] = ("caption", "examples")
+    OPTIONAL_INPUTS: ClassVar[tuple[str, ...]] = ("tags",)  # wired: the query context carries the tags
+    # checked when the config loads: the slicing comes from the examples record, so it must carry it
+    INPUT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "examples": ("examples", "n_shot", "n_ensemble"),
+        "tags": ("tags",),
+    }
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
     Config = PicaPromptConfig
     Output = PicaPrompts
@@ -119,26 +131,18 @@ class PicaPrompt:
         return [self.prompts_for(entry) for entry in batch]
 
     def prompts_for(self, entry: StageInput) -> PicaPrompts:
-        cfg = self.config
-        tags: list[str] = []
-        if cfg.use_tags:
-            record = entry.upstream.get("tags")
-            if record is None:
-                raise ConfigError(
-                    "pica_prompt has use_tags on but no 'tags' input; wire a clip_tags stage as "
-                    "inputs: {tags: ...} or set use_tags to false"
-                )
-            tags = list(record.tags)
+        unknown = sorted(set(entry.upstream) - {*self.INPUTS, *self.OPTIONAL_INPUTS})
+        if unknown:
+            raise ConfigError(
+                f"{self.NAME} reads the inputs {list(self.INPUTS)} and optionally "
+                f"{list(self.OPTIONAL_INPUTS)}, but is wired to {unknown}; rename or remove them in the stage's "
+                "inputs"
+            )
+        tags_record = entry.upstream.get("tags")
+        tags = list(tags_record.tags) if tags_record is not None else []
         context = query_context(caption_text(entry.upstream["caption"]), tags)
         selected = entry.upstream["examples"]
-        selection = (getattr(selected, "n_shot", None), getattr(selected, "n_ensemble", None))
-        if None not in selection and selection != (cfg.n_shot, cfg.n_ensemble):
-            raise ConfigError(
-                f"pica_prompt slices n_shot={cfg.n_shot} x n_ensemble={cfg.n_ensemble} but the examples were "
-                f"selected for n_shot={selection[0]} x n_ensemble={selection[1]}; set both stages alike "
-                "(e.g. --set examples.n_ensemble=5 --set prompt.n_ensemble=5)"
-            )
-        slices = ensemble_slices(selected.examples, cfg.n_shot, cfg.n_ensemble)
+        slices = ensemble_slices(selected.examples, selected.n_shot, selected.n_ensemble)
         return PicaPrompts(
             prompts=[pica_prompt(context, entry.item.question, examples) for examples in slices],
             num_examples=sum(len(examples) for examples in slices),
