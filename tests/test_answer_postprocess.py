@@ -1,4 +1,5 @@
-"""The answer post-processing rules of Img2LLM and PICa (SPEC §2, §3)."""
+"""The answer post-processing rules of Img2LLM and PICa (docs/methods.md#llm-and-answer-post-processing,
+docs/methods.md#decoding-ensemble-and-post-processing)."""
 
 import pytest
 

@@ -117,7 +117,8 @@ def test_batched_equals_single(matcher, tmp_path):
 
 
 def test_gradient_only_at_attention_equals_full_backward(matcher, tmp_path):
-    """SPEC §1: skipping the ViT backward gives the same relevance as LAVIS's full backward pass."""
+    """Skipping the ViT backward gives the same relevance as LAVIS's full backward pass
+    (docs/methods.md#matching-gradcam)."""
     from capvqa.data.images import distinct_images
     from capvqa.ops.gradcam import gradcam_patch_relevance as reduce
     from capvqa.text.pnp_vqa_formats import matching_text

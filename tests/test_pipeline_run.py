@@ -36,7 +36,7 @@ def test_exact_issue_command_writes_the_run_folder(tmp_path, tiny_zoo):
     first = records[0]
     grid = first["stages"]["matching"]["grid"]
     assert len(first["stages"]["matching"]["relevance"]) == grid[0] * grid[1]
-    assert len(first["stages"]["captioning"]["captions"]) == 100  # SPEC default
+    assert len(first["stages"]["captioning"]["captions"]) == 100  # the default (docs/methods.md#question-guided-captioning)
     assert len(first["stages"]["reader"]["passages"]) == 100
     assert first["stages"]["reader"]["passages"][0].startswith(first["question"].lower())
     metrics = json.loads((out / "metrics.json").read_text())

@@ -182,7 +182,8 @@ def _count_lines(path: Path) -> int:
 
 
 def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_zoo):
-    """SPEC §1 per-item streams make a killed-and-resumed run equal an uninterrupted one."""
+    """Per-item random streams (docs/methods.md#shared-deviations) make a killed-and-resumed run equal an
+    uninterrupted one."""
     cache, log = tmp_path / "cache", tmp_path / "commits.jsonl"
     args = [sys.executable, "-m", "capvqa", "run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--quiet",
             "--batch-size", "2", "--set", "captioning.num_captions=6", "--set", "captioning.num_patches=4"]

@@ -1,6 +1,7 @@
 """Original BLIP ``.pth`` checkpoints (Salesforce BLIP / LAVIS) as Hugging Face model folders.
 
-PNP-VQA's published numbers come from the original BLIP checkpoints (SPEC §1), e.g.
+PNP-VQA's published numbers come from the original BLIP checkpoints
+(docs/methods.md#deviations-in-pnp-vqa), e.g.
 ``model_large_retrieval_coco.pth`` for image-question matching and ``model_large_caption.pth`` for
 captioning, which are not the hub models. We convert such a checkpoint once into an ordinary folder
 (config, ``model.safetensors``, the base model's processor) under ``$CAPVQA_HOME/models/converted/``, so
@@ -37,7 +38,7 @@ Anything else that does not map onto the Hugging Face model, anything missing, a
 mismatch is an error naming the keys.
 
 Config: the base model's config (hub id or folder), with the facts of the original architecture that
-the hub configs got wrong or that shapes cannot reveal (SPEC §1): text encoder 12 attention heads (HF
+the hub configs got wrong or that shapes cannot reveal: text encoder 12 attention heads (HF
 default 8; transformers#22625), vision LayerNorm epsilon 1e-6 (HF default 1e-5; LAVIS#106), and the
 vocabulary size read from the checkpoint (30524 in BLIP: ``[DEC]`` = 30522, ``[ENC]`` = 30523).
 
@@ -79,7 +80,7 @@ BLIP_CAPTION_LARGE_URL = (
     "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large_caption.pth"
 )
 
-# Facts of the original architecture (BLIP med_config.json / vit.py), SPEC §1.
+# Facts of the original architecture (BLIP med_config.json / vit.py); docs/methods.md#deviations-in-pnp-vqa.
 ORIGINAL_TEXT_ATTENTION_HEADS = 12
 ORIGINAL_VISION_LAYER_NORM_EPS = 1e-6
 ORIGINAL_VOCAB_SIZE = 30524

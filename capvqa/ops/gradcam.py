@@ -1,9 +1,10 @@
 """GradCAM patch relevance from one cross-attention map of BLIP's ITM text encoder (PNP-VQA).
 
 Pure tensor math, separate from model I/O so it can be tested on hand-made tensors. The rule
-(SPEC §1, as in LAVIS ``compute_gradcam``): drop the image-CLS key, mask both the attention
-probabilities A and their gradients G by the text attention mask, clamp G at 0, average A*G over heads,
-then average over the text tokens 1..n-2 (skipping the leading [ENC] token and the final [SEP]).
+(docs/methods.md#matching-gradcam, as in LAVIS ``compute_gradcam``): drop the image-CLS key, mask
+both the attention probabilities A and their gradients G by the text attention mask, clamp G at 0,
+average A*G over heads, then average over the text tokens 1..n-2 (skipping the leading [ENC] token and
+the final [SEP]).
 """
 
 from __future__ import annotations

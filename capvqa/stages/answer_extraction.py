@@ -1,4 +1,4 @@
-"""Candidate-answer extraction from captions (Img2LLM, SPEC §2).
+"""Candidate-answer extraction from captions (Img2LLM, docs/methods.md#answer-extraction).
 
 Img2LLM asks a question-generation model for one question per *candidate answer*, so the answers must
 be words a question about the image could have: every token whose POS is NOUN, VERB, ADJ, ADV or NUM,

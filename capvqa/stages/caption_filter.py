@@ -1,4 +1,4 @@
-"""Caption filtering by BLIP image-text matching (Img2LLM, SPEC §2).
+"""Caption filtering by BLIP image-text matching (Img2LLM; docs/methods.md#captions-and-the-itm-filter).
 
 Question-guided captions sampled from a few patches are often wrong about the whole image. Img2LLM keeps
 a caption only when BLIP's ITM head, reading the whole image, gives it a match probability (softmax over

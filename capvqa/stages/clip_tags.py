@@ -1,10 +1,11 @@
 """Image tags from CLIP zero-shot classification over a fixed vocabulary (PICa's "caption + tags").
 
-PICa (SPEC §3) appends object tags to the query caption; the paper took them from Microsoft's Azure
-tagging API, which is not available offline or for free. This stage is the open stand-in: CLIP scores
-the image against every vocabulary name written into the prompt template ``"a photo of a {}."``
-(CLIP's own zero-shot template), turns the scores into a softmax over the vocabulary, and keeps at most
-``top_k`` names whose probability reaches ``threshold``.
+PICa (docs/methods.md#query-context-caption-and-tags) appends object tags to the query caption; the
+paper took them from Microsoft's Azure tagging API, which is not available offline or for free. This
+stage is the open stand-in: CLIP scores the image against every vocabulary name written into the
+prompt template ``"a photo of a {}."`` (CLIP's own zero-shot template), turns the scores into a
+softmax over the vocabulary, and keeps at most ``top_k`` names whose probability reaches
+``threshold``.
 
 Why a softmax threshold of 0.05 by default: the softmax spreads the mass over ~460 names, so a name
 holding 5% of it is ~23 times the uniform share -- clearly picked by the image -- while names ranked

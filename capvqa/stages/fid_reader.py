@@ -1,4 +1,4 @@
-"""Fusion-in-Decoder question answering with UnifiedQA-v2 T5 (PNP-VQA, SPEC §1).
+"""Fusion-in-Decoder question answering with UnifiedQA-v2 T5 (docs/methods.md#fusion-in-decoder-reader).
 
 Every passage of a question is encoded independently; the encoder outputs of one question are
 concatenated along the sequence axis and the decoder reads them all at once. We batch across questions:

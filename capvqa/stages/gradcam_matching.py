@@ -1,4 +1,4 @@
-"""Question-image patch matching: GradCAM relevance on BLIP's ITM head (PNP-VQA, SPEC §1).
+"""Question-image patch matching: GradCAM relevance on BLIP's ITM head (docs/methods.md#matching-gradcam).
 
 Cost structure: the ViT runs once per distinct image without gradient; only the text encoder runs with
 autograd, and only the gradient at one cross-attention map is requested (``torch.autograd.grad``), so

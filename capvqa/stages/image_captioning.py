@@ -1,4 +1,4 @@
-"""One plain whole-image caption per item with the BLIP captioner (PICa's query caption, SPEC §3).
+"""One whole-image BLIP caption per item: PICa's query caption (docs/methods.md#query-context-caption-and-tags).
 
 PICa describes the query image with a single caption (VinVL in the paper; BLIP here, as in the rest of
 capvqa), and falls back on it for in-context examples whose image has no COCO caption. Unlike PNP-VQA's

@@ -1,4 +1,4 @@
-"""Question-guided patch captioning with the BLIP captioner (PNP-VQA, SPEC §1).
+"""Question-guided patch captioning with the BLIP captioner (docs/methods.md#question-guided-captioning).
 
 Each distinct image is encoded once. For every caption draw, ``num_patches`` patch embeddings are
 sampled by relevance and fed alone as the decoder's cross-attention memory; all draws of all items in a

@@ -1,4 +1,4 @@
-"""Synthetic question generation for the candidate answers (Img2LLM, SPEC §2).
+"""Synthetic question generation for the candidate answers (Img2LLM, docs/methods.md#question-generation).
 
 For every candidate answer of a question (the top answers of its captions plus "yes") a seq2seq QG
 model writes a question whose answer it is, reading all captions as context. The (question, answer)
@@ -6,7 +6,7 @@ pairs become the LLM's in-context exemplars. The paper's model is ``google/t5-la
 fine-tuned by the authors (``T5_large_QG.pth``, see :mod:`capvqa.models.qg_checkpoint`); any hub
 seq2seq QG model plugs in with its own ``template``.
 
-Input text (SPEC): ``"answer: {answer}  context: {context}."`` -- two spaces before "context:" -- with
+Input text: ``"answer: {answer}  context: {context}."`` -- two spaces before "context:" -- with
 ``context`` the captions joined by ``caption_separator``. Differences from the reference (LAVIS
 ``Img2PromptVQA.answer_extraction``), on purpose:
 

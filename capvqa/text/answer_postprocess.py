@@ -1,9 +1,10 @@
-"""Turning an LLM's raw completion into a VQA answer: the rules of Img2LLM and PICa (SPEC §2, §3).
+"""Turning an LLM's raw completion into a VQA answer: the rules of Img2LLM and PICa.
 
 Pure functions of the text (and, for OK-VQA, an injected lemmatizer), so the rules are testable without
 a model and the LLM stage records exactly which rule ran (:func:`postprocess_name`).
 
-``img2llm`` (Img2LLM, SPEC §2), in order:
+``img2llm`` (Img2LLM, docs/methods.md#llm-and-answer-post-processing, which also lists how this differs
+from the authors' ``postprocess_Answer``), in order:
   1. cut at the first "." or newline (the LLM continues with the next exemplar after its answer);
   2. lowercase, strip surrounding whitespace.
   With ``okvqa`` (the extra rules Img2LLM used on OK-VQA), then:
@@ -15,9 +16,10 @@ a model and the LLM stage records exactly which rule ran (:func:`postprocess_nam
      the prediction matches OK-VQA's stemmed answers; words with digits ("1990s", "3rd") are kept.
   Words are re-joined with single spaces.
 
-``pica`` (PICa, SPEC §3): remove every "." and "," character, lowercase, split on whitespace, drop the
-words a/an/the/to, re-join with single spaces. (PICa's reference splits on single spaces and so also
-drops empty words; splitting on any whitespace gives the same result on its outputs.)
+``pica`` (PICa, docs/methods.md#decoding-ensemble-and-post-processing): remove every "." and ","
+character, lowercase, split on whitespace, drop the words a/an/the/to, re-join with single spaces.
+(PICa's reference splits on single spaces and so also drops empty words; splitting on any whitespace
+gives the same result on its outputs.)
 
 ``none``: the raw completion, stripped.
 

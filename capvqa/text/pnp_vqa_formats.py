@@ -1,4 +1,4 @@
-"""Text formats of PNP-VQA (SPEC §1): question cleaning for BLIP and UnifiedQA passages."""
+"""Text formats of PNP-VQA (docs/methods.md#pnp-vqa): question cleaning for BLIP and UnifiedQA passages."""
 
 from __future__ import annotations
 
