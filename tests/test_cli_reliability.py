@@ -330,3 +330,24 @@ def test_bench_of_the_large_pipeline_builds_the_large_reader(monkeypatch, capsys
 def test_bench_json_to_a_folder_is_refused_before_the_run(monkeypatch, capsys, no_model_builds, tmp_path):
     code, _, err = run_main(monkeypatch, capsys, "bench", "pnp-vqa", "--random-weights", "--json", str(tmp_path))
     assert code == 2 and f"--json {tmp_path} is a folder" in err
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be a whole number >= 1, got 0"),
+    (["--batch-size", "-5"], "--batch-size must be a whole number >= 1, got -5"),
+    (["--limit", "0"], "--limit must be a whole number >= 1, got 0"),
+    (["--question-ids", ","], "--question-ids names no question"),
+    (["--lemmatize", "bogus"], "unknown lemmatizer 'bogus'"),
+    (["--on-bad-image", "ignore"], "--on-bad-image must be one of error, skip"),
+])
+def test_run_options_are_refused_before_anything_runs(monkeypatch, capsys, tmp_path, args, message):
+    """Before: --batch-size 0 was ignored, -5 saved into config.yaml, --limit 0 exited 0 without a word,
+    and --lemmatize was checked only after every stage had run."""
+    out = tmp_path / "run"
+    code, _, err = run_main(monkeypatch, capsys, "run", "pnp-vqa", "--dataset", "sample", "--models", "tiny",
+                            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *args)
+    assert code == 2 and message in one_line(err) and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "cache").exists()
