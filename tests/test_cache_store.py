@@ -108,3 +108,61 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(UserError, match="--cache-dir"):
         CacheStore(blocker / "cache").existing_keys(["a"])
+
+
+# What capvqa wrote before entries carried checksums (store schema 1, no user_version).
+_SCHEMA_1 = """
+CREATE TABLE entries (key TEXT PRIMARY KEY, stage TEXT NOT NULL, header BLOB NOT NULL, arrays BLOB,
+                      nbytes INTEGER NOT NULL, created REAL NOT NULL);
+CREATE INDEX entries_stage ON entries(stage);
+CREATE TABLE image_hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                           sha256 TEXT NOT NULL);
+"""
+
+
+def test_schema_1_cache_is_migrated_trusted_after_a_structural_check_and_sealed_by_repair(tmp_path):
+    import sqlite3
+
+    from capvqa.engine.store import DB_FILENAME, STORE_SCHEMA_VERSION
+
+    header, blob = encode_record(Example(text="old", values=[1], grid=np.ones((2, 2), dtype=np.float32)))
+    database = tmp_path / DB_FILENAME
+    old = sqlite3.connect(database)
+    old.executescript(_SCHEMA_1)
+    old.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?)", [
+        ("good", "s", header, blob, len(header) + len(blob), 0.0),
+        ("short", "s", header, blob[:-1], len(header) + len(blob) - 1, 0.0),  # an array cut short
+        ("not-json", "s", b"{garbage", None, 8, 0.0),
+    ])
+    image = tmp_path / "a.png"
+    image.write_bytes(b"png")
+    info = image.stat()
+    old.execute("INSERT INTO image_hashes VALUES (?,?,?,?)", (str(image), info.st_size, info.st_mtime_ns, "0" * 64))
+    old.commit()
+    old.close()
+
+    store = CacheStore(tmp_path)
+    assert store.existing_keys(["good", "short", "not-json"]) == {"good"}  # the broken ones are dropped
+    back = decode_record(Example, *store.get_many(["good"])["good"])
+    assert back.text == "old" and back.grid.shape == (2, 2)
+    assert store.lookup_image_hash(str(image), info) is None  # a size+mtime memo is not trusted any more
+    store.close()
+    migrated = sqlite3.connect(database)
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == STORE_SCHEMA_VERSION
+    # an older capvqa sharing the cache can still write its rows (without a checksum)
+    migrated.execute("INSERT INTO entries(key, stage, header, arrays, nbytes, created) VALUES ('older', 's', ?, ?, 1, 0)",
+                     (header, blob))
+    migrated.commit()
+    migrated.close()
+
+    store = CacheStore(tmp_path)
+    report = store.check(repair=True)
+    assert (report.unsealed, report.sealed, report.damaged, report.structure) == (2, 2, 0, [])
+    again = store.check()
+    assert again.intact == 2 and again.unsealed == 0 and not again.problems_found
+    store.close()
+    edited = sqlite3.connect(database)  # now sealed, a changed byte is caught
+    edited.execute("UPDATE entries SET arrays = ? WHERE key = 'good'", (blob[:-1] + b"\x01",))
+    edited.commit()
+    edited.close()
+    assert CacheStore(tmp_path).existing_keys(["good", "older"]) == {"older"}

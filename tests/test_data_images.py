@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ from PIL import Image
 
 from capvqa.data.images import image_content_hash, load_image, to_rgb
 from capvqa.data.items import ImageRef
-from capvqa.errors import DataError
+from capvqa.errors import ConfigError, DataError
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> ImageRef:
@@ -175,3 +180,119 @@ def test_content_hash_is_sha256_of_encoded_bytes(tmp_path):
     assert image_content_hash(ImageRef(data=raw)) == expected
     with pytest.raises(DataError, match="missing.png"):
         image_content_hash(ImageRef(path=tmp_path / "missing.png"))
+
+
+# -- files that must never be read in full, or at all: they could block or never end ----------------
+
+_READ_BOTH_WAYS = textwrap.dedent("""
+    import sys
+    from capvqa.data.images import image_content_hash, load_image
+    from capvqa.data.items import ImageRef
+    from capvqa.errors import DataError
+    for read in (image_content_hash, load_image):
+        try:
+            read(ImageRef(path=sys.argv[1]))
+        except DataError as error:
+            print(error)
+        else:
+            print("READ")
+""")
+
+
+def _guarded(code: str, *args: str, env: dict | None = None) -> list[str]:
+    """Run ``code`` in a subprocess that is killed after 30 s, so a regression fails instead of hanging the
+    suite (reading /dev/zero never ends; opening a FIFO blocks until a writer comes)."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_symlink_to_dev_zero_is_refused_not_read_forever(tmp_path):
+    link = tmp_path / "COCO_val2014_000000000007.jpg"
+    link.symlink_to("/dev/zero")
+    lines = _guarded(_READ_BOTH_WAYS, str(link))
+    assert len(lines) == 2
+    for line in lines:  # hashing and decoding both refuse it, naming the file and what it is
+        assert "COCO_val2014_000000000007.jpg" in line and "character device" in line and "/dev/zero" in line
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_fifo_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    lines = _guarded(_READ_BOTH_WAYS, str(fifo))
+    assert len(lines) == 2 and all("pipe.jpg" in line and "named pipe (FIFO)" in line for line in lines)
+
+
+def test_file_over_the_size_limit_is_refused_before_reading(tmp_path, monkeypatch):
+    import capvqa.data.images as images
+
+    ref = _save(Image.new("RGB", (16, 16), (9, 9, 9)), tmp_path / "big.png")
+    size = ref.path.stat().st_size
+    monkeypatch.setattr(images, "DEFAULT_MAX_IMAGE_FILE_BYTES", size - 1)
+    for read in (image_content_hash, load_image):
+        with pytest.raises(DataError, match=rf"big\.png is {size:,} bytes, over the limit of {size - 1:,} bytes.*"
+                                            "CAPVQA_MAX_IMAGE_BYTES"):
+            read(ref)
+    monkeypatch.setattr(images, "DEFAULT_MAX_IMAGE_FILE_BYTES", size)  # the limit itself is allowed
+    assert image_content_hash(ref) == hashlib.sha256(ref.path.read_bytes()).hexdigest()
+    monkeypatch.setattr(images, "DEFAULT_MAX_IMAGE_FILE_BYTES", 10)
+    monkeypatch.setenv("CAPVQA_MAX_IMAGE_BYTES", str(size))  # the environment overrides the default
+    assert load_image(ref).size == (16, 16)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_file_that_outgrows_its_stat_size_stops_at_the_limit(tmp_path, monkeypatch):
+    # /proc files are regular and report size 0, like a file still being written: the byte count read
+    # is checked too, not only the size announced on opening.
+    link = tmp_path / "maps.jpg"
+    link.symlink_to("/proc/self/maps")
+    monkeypatch.setenv("CAPVQA_MAX_IMAGE_BYTES", "64")
+    with pytest.raises(DataError, match=r"maps\.jpg grew past the limit of 64 bytes"):
+        image_content_hash(ImageRef(path=link))
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5"])
+def test_invalid_size_limit_in_the_environment_is_named(tmp_path, monkeypatch, value):
+    ref = _save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
+    monkeypatch.setenv("CAPVQA_MAX_IMAGE_BYTES", value)
+    with pytest.raises(ConfigError, match=rf"CAPVQA_MAX_IMAGE_BYTES={value!r} is not a positive"):
+        image_content_hash(ref)
+
+
+_KEY_TWO_IMAGES = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from capvqa.data.items import ImageRef, VQAItem
+    from capvqa.engine.runner import PipelineRunner
+    from capvqa.engine.store import CacheStore
+    from capvqa.errors import DataError
+    good, bad, cache, policy = sys.argv[1:]
+    items = [VQAItem(question_id=i, image_id=i, question="What is it?", image=ImageRef(path=Path(p)))
+             for i, p in ((1, good), (2, bad))]
+    runner = PipelineRunner([], CacheStore(cache), runtime=None, on_bad_image=policy)
+    try:
+        keyed = runner.keyed_window(items)
+    except DataError as error:
+        print(json.dumps({"error": str(error)}))
+    else:
+        print(json.dumps({"keyed": [k.item.question_id for k in keyed],
+                          "skipped": {q: s.reason for q, s in runner.skipped.items()}}))
+""")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_run_skips_or_stops_at_an_image_that_links_to_dev_zero(tmp_path, policy):
+    good = _save(Image.new("RGB", (8, 8), (1, 2, 3)), tmp_path / "good.png").path
+    bad = tmp_path / "COCO_val2014_000000000002.jpg"
+    bad.symlink_to("/dev/zero")
+    (outcome,) = _guarded(_KEY_TWO_IMAGES, str(good), str(bad), str(tmp_path / "cache"), policy)
+    result = json.loads(outcome)
+    if policy == "skip":
+        assert result["keyed"] == [1] and list(result["skipped"]) == ["2"]
+        assert "COCO_val2014_000000000002.jpg" in result["skipped"]["2"]
+    else:
+        assert "COCO_val2014_000000000002.jpg" in result["error"] and "character device" in result["error"]

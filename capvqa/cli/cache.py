@@ -1,13 +1,23 @@
-"""``capvqa cache info|clear``: what the stage cache holds, and removing it."""
+"""``capvqa cache info|check|clear``: what the stage cache holds, whether it is intact, and removing it.
+
+Every command works on a damaged database too: ``info`` says it is damaged (exit status 1), ``check``
+says what is wrong and ``--repair`` fixes it, ``clear`` deletes a file too damaged to clear entry by entry.
+"""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
-from capvqa.cli.console import console, human_size
+from capvqa.cli.console import console, human_size, print_error, print_text
+
+if TYPE_CHECKING:
+    from capvqa.engine.store import CacheStore
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -19,18 +29,76 @@ def info(cache_dir: CacheDirOption = None) -> None:
     """Size on disk and entries per stage."""
     from rich.table import Table
 
-    from capvqa.engine.store import CacheStore
+    from capvqa.engine.store import CacheCorruptError, CacheStore
 
     store = CacheStore(cache_dir)
-    usage = store.usage()
-    table = Table(title=f"stage cache {store.path}")
+    try:
+        usage = store.usage()
+    except CacheCorruptError as error:
+        print_text(f"stage cache {store.path}: {human_size(store.file_size())} on disk")
+        _print_damaged_copies(store)
+        print_error(error)
+        raise typer.Exit(1) from None
+    table = Table(title=escape(f"stage cache {store.path}"))
     table.add_column("stage")
     table.add_column("entries", justify="right")
     table.add_column("payload", justify="right")
     for row in usage:
-        table.add_row(row.stage, str(row.entries), human_size(row.nbytes))
+        table.add_row(escape(row.stage), str(row.entries), human_size(row.nbytes))
     console.print(table)
-    console.print(f"total on disk: {human_size(store.file_size())}, {sum(r.entries for r in usage)} entries")
+    print_text(f"total on disk: {human_size(store.file_size())}, {sum(r.entries for r in usage)} entries")
+    _print_damaged_copies(store)
+
+
+@app.command("check")
+def check(
+    repair: Annotated[bool, typer.Option(help="Remove damaged entries; rebuild a structurally damaged file from its intact entries (the damaged file is kept beside it). Stop other runs using this cache first.")] = False,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Verify the cache: SQLite's integrity check and every entry's checksum. Exit status 1 when
+    problems remain."""
+    from capvqa.engine.store import CacheStore
+
+    store = CacheStore(cache_dir)
+    report = store.check(repair=repair)
+    if not report.exists:
+        print_text(f"no stage cache at {store.path} (nothing to check)")
+        return
+    print_text(f"stage cache {store.path}")
+    if report.structure:
+        shown = "; ".join(report.structure[:5]) + (" ..." if len(report.structure) > 5 else "")
+        print_text(f"  file structure: DAMAGED ({shown})")
+    else:
+        print_text("  file structure: ok (SQLite integrity check)")
+    print_text(f"  entries verified by checksum: {report.intact}")
+    if report.unsealed:
+        print_text(f"  entries without a checksum (written by an older capvqa; structure checked): {report.unsealed}")
+    if report.damaged:
+        print_text(f"  damaged entries: {report.damaged}")
+        for entry in report.damaged_examples:
+            print_text(f"    {entry.stage} {entry.key}: {entry.reason}")
+    if report.unreadable:
+        print_text(f"  rows SQLite could not read: {report.unreadable}")
+    if repair:
+        if report.moved_to is not None:
+            print_text(
+                f"repaired: rebuilt {store.path} from its {report.intact + report.unsealed} intact entries; the "
+                f"damaged file is kept as {report.moved_to} (delete it when no longer needed)"
+            )
+        else:
+            done = [f"removed {report.removed} damaged entries"] if report.damaged else []
+            done += [f"added checksums to {report.sealed} entries"] if report.sealed else []
+            print_text("repaired: " + ", ".join(done) if done else "nothing to repair")
+        if report.problems_found:
+            print_text("rerun your pipelines: the removed results are recomputed, everything else is reused")
+        if not report.repaired:
+            raise typer.Exit(1)
+        return
+    if report.problems_found:
+        print_text(f"run `capvqa cache check --repair --cache-dir {shlex.quote(str(store.directory))}` to fix "
+                      "(stop other runs using this cache first)")
+        raise typer.Exit(1)
+    print_text("no problems found")
 
 
 @app.command("clear")
@@ -39,20 +107,44 @@ def clear(
     cache_dir: CacheDirOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (never asked without a terminal).")] = False,
 ) -> None:
-    """Delete cached results (all, or one stage's)."""
-    from capvqa.engine.store import CacheStore
+    """Delete cached results (all, or one stage's). A database too damaged to clear entry by entry is
+    deleted as a whole (without --stage)."""
+    from capvqa.engine.store import CacheCorruptError, CacheStore
     from capvqa.errors import UserError
 
     store = CacheStore(cache_dir)
-    known = [row.stage for row in store.usage()]
-    if stage is not None and stage not in known:
+    try:
+        known: list[str] | None = [row.stage for row in store.usage()]
+    except CacheCorruptError as error:
+        if stage is not None:
+            raise UserError(
+                f"{store.path} is damaged ({error.reason}), so one stage cannot be cleared from it. "
+                f"`capvqa cache check --repair --cache-dir {shlex.quote(str(store.directory))}` keeps its intact entries; "
+                "`capvqa cache clear` without --stage deletes the whole file."
+            ) from None
+        known = None
+    if stage is not None and stage not in (known or []):
         raise UserError(f"no cached stage {stage!r} in {store.path}; cached stages: {known or 'none'}")
     what = f"stage {stage}" if stage else "every stage"
-    import sys
-
-    interactive = sys.stdin.isatty()
-    if not yes and interactive and not typer.confirm(f"Delete the cached results of {what} in {store.path}?"):
+    if not yes and sys.stdin.isatty() and not typer.confirm(f"Delete the cached results of {what} in {store.path}?"):
         raise typer.Abort()
-    removed = store.clear(stage)
-    console.print(f"removed {removed} entries ({what})")
+    if known is not None:
+        try:
+            removed = store.clear(stage)
+        except CacheCorruptError:
+            if stage is not None:
+                raise
+        else:
+            print_text(f"removed {removed} entries ({what})")
+            return
+    deleted = store.delete_database()
+    print_text(
+        f"the cache database was damaged; deleted it ({', '.join(str(p) for p in deleted) or 'nothing left'}). "
+        "The next run starts an empty cache."
+    )
 
+
+def _print_damaged_copies(store: CacheStore) -> None:
+    for copy in store.damaged_copies():
+        print_text(f"damaged copy kept by `cache check --repair`: {copy} ({human_size(copy.stat().st_size)}); "
+                      "delete it when no longer needed")

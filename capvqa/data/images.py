@@ -10,6 +10,11 @@ with black where the alpha was) silently degrades captions instead of failing.
 Anything wrong with the file (missing, empty, truncated, not an image, too many pixels) raises
 :class:`~capvqa.errors.DataError` naming the file, so a broken image in a long run is reported, not
 turned into a crash with a PIL traceback.
+
+Only regular files are read, and only up to :func:`max_image_file_bytes`: a path that resolves to a FIFO,
+a device (a symlink to ``/dev/zero`` reads forever), a socket or a folder, or a file over the limit, is
+refused with a :class:`~capvqa.errors.DataError` before a byte is read, so hashing or decoding can never
+block or run without end.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from capvqa.data.items import ImageRef
-from capvqa.errors import DataError
+from capvqa.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from capvqa.engine.stage import StageInput
@@ -40,6 +47,12 @@ DEFAULT_MAX_PIXELS = 89_478_485
 #: Background that transparent pixels are composited on: white, as a browser shows them and as the
 #: annotators saw web images.
 _BACKGROUND = (255, 255, 255)
+
+#: The largest image file read, in bytes (256 MiB). The largest COCO image is under 1 MiB and a 16-bit
+#: TIFF at :data:`DEFAULT_MAX_PIXELS` about 512 MiB; anything this large in a VQA dataset is a mistake,
+#: and reading it would stall the run. ``$CAPVQA_MAX_IMAGE_BYTES`` overrides it.
+DEFAULT_MAX_IMAGE_FILE_BYTES = 256 * 1024 * 1024
+MAX_IMAGE_FILE_BYTES_ENV = "CAPVQA_MAX_IMAGE_BYTES"
 
 _HASH_CHUNK_BYTES = 1 << 20
 
@@ -83,10 +96,34 @@ def image_content_hash(ref: ImageRef) -> str:
         digest.update(ref.data)
         return digest.hexdigest()
     assert ref.path is not None
+    limit = max_image_file_bytes()
+    read = 0
     with _open_file(ref.path) as stream:
+        # the size was checked on opening; counting again catches a file that grows while it is read
         while chunk := stream.read(_HASH_CHUNK_BYTES):
+            read += len(chunk)
+            if read > limit:
+                raise _too_large(ref.path, read, limit, grew=True)
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def max_image_file_bytes() -> int:
+    """The largest image file :func:`load_image` and :func:`image_content_hash` read, in bytes:
+    ``$CAPVQA_MAX_IMAGE_BYTES`` when set, else :data:`DEFAULT_MAX_IMAGE_FILE_BYTES`."""
+    raw = os.environ.get(MAX_IMAGE_FILE_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_FILE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(
+            f"{MAX_IMAGE_FILE_BYTES_ENV}={raw!r} is not a positive whole number of bytes; set it to e.g. "
+            f"{DEFAULT_MAX_IMAGE_FILE_BYTES} (256 MiB, the default) or unset it."
+        )
+    return value
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -129,17 +166,79 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _open_file(path: Path) -> BinaryIO:
+    """Open ``path`` for reading if it is (or links to) a regular file within the size limit.
+
+    The type and size are checked with ``stat`` before opening, so a FIFO (whose open would block until
+    a writer appears) or a device is never opened. The open itself is non-blocking and its result is
+    checked again with ``fstat``: a path swapped for a FIFO between the two calls still cannot hang.
+    """
+    _check_image_file(path, _stat(path, os.stat, path))
+    non_blocking = getattr(os, "O_NONBLOCK", 0)  # POSIX; elsewhere the stat check above is the guard
     try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(
+        descriptor = os.open(path, os.O_RDONLY | non_blocking | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    try:
+        _check_image_file(path, _stat(path, os.fstat, descriptor))
+        if non_blocking:
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _stat(path: Path, stat_call: Callable[[Any], os.stat_result], target: Any) -> os.stat_result:
+    try:
+        return stat_call(target)
+    except OSError as error:
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: OSError) -> DataError:
+    if isinstance(error, FileNotFoundError):
+        return DataError(
             f"Image file not found: {path}. Check the dataset's image folder (was the image zip "
             "downloaded and extracted there?) or the image file-name pattern."
-        ) from None
-    except IsADirectoryError:
-        raise DataError(f"Expected an image file but found a folder: {path}.") from None
-    except PermissionError:
-        raise DataError(f"Image file is not readable (permission denied): {path}.") from None
+        )
+    if isinstance(error, IsADirectoryError):
+        return DataError(f"Expected an image file but found a folder: {path}.")
+    if isinstance(error, PermissionError):
+        return DataError(f"Image file is not readable (permission denied): {path}.")
+    return DataError(f"Image file cannot be opened: {path} ({error.strerror or error}).")
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_image_file(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+        if kind == "a folder":
+            raise DataError(f"Expected an image file but found a folder: {path}.")
+        target = os.path.realpath(path)
+        via = f" (it links to {target})" if target != os.path.abspath(path) else ""
+        raise DataError(
+            f"Image {path} is {kind}{via}, not a regular file; it is not read (it could block or never "
+            "end). Replace it with the image file."
+        )
+    limit = max_image_file_bytes()
+    if info.st_size > limit:
+        raise _too_large(path, info.st_size, limit, grew=False)
+
+
+def _too_large(path: Path, size: int, limit: int, *, grew: bool) -> DataError:
+    what = "grew past" if grew else f"is {size:,} bytes, over"
+    return DataError(
+        f"Image file {path} {what} the limit of {limit:,} bytes; it is not read. If the image is "
+        f"genuine, raise the limit with {MAX_IMAGE_FILE_BYTES_ENV}=BYTES."
+    )
 
 
 def _decode(stream: BinaryIO, origin: str, *, max_pixels: int | None) -> Image.Image:

@@ -59,6 +59,37 @@ def decode_record(record_type: type[R], header: bytes, blob: bytes | None) -> R:
     return record_type(**{k: v for k, v in fields.items() if k in known})
 
 
+def encoding_problem(header: bytes, blob: bytes | None) -> str | None:
+    """Why ``(header, blob)`` is not something :func:`encode_record` could have written, or ``None``.
+
+    A structural check only (the header is a JSON object, every array's dtype, shape and byte range fit
+    the blob): the cache applies it to entries stored before entries carried checksums, which cannot
+    be verified byte for byte.
+    """
+    if not isinstance(header, bytes) or not (blob is None or isinstance(blob, bytes)):
+        return "stored values are not bytes"
+    try:
+        fields = json.loads(header)
+    except (UnicodeDecodeError, ValueError):
+        return "header is not valid JSON"
+    if not isinstance(fields, dict):
+        return "header is not a JSON object"
+    arrays = fields.get(_ARRAYS_KEY, {})
+    if not isinstance(arrays, dict):
+        return "array table is malformed"
+    size = len(blob or b"")
+    for name, meta in arrays.items():
+        try:
+            dtype = np.dtype(meta["dtype"])
+            count = int(np.prod(meta["shape"], dtype=np.int64))
+            start, nbytes = int(meta["offset"]), int(meta["nbytes"])
+        except (KeyError, TypeError, ValueError):
+            return f"array {name!r} has a malformed description"
+        if dtype.hasobject or start < 0 or nbytes != count * dtype.itemsize or start + nbytes > size:
+            return f"array {name!r} does not fit the stored bytes"
+    return None
+
+
 def record_to_json(record: Any, significant_digits: int = 6) -> dict[str, Any]:
     """A JSON-ready dict of a record for records.jsonl: arrays become lists, floats keep
     ``significant_digits`` significant digits (relevance values can be tiny; decimals would zero them)."""
