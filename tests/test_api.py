@@ -142,3 +142,17 @@ def test_a_process_group_is_destroyed_only_by_its_creator(monkeypatch):
     with pipeline_module._process_group():
         pass
     assert calls == ["init", "init", "shutdown"]
+
+
+def test_a_mix_of_annotated_and_unannotated_items_is_an_error_not_a_silent_subset(tmp_path, tiny_zoo):
+    """Loaders refuse such data; a caller's own item list gets the same answer instead of no scoring."""
+    from dataclasses import replace
+
+    from capvqa import Pipeline, open_dataset
+    from capvqa.errors import DataError
+
+    items = list(open_dataset("sample", limit=3))
+    items[1] = replace(items[1], answers=())
+    with pytest.raises(DataError, match=r"1 of 3 questions have no human answers \(e.g. question ids "
+                                        + str(items[1].question_id)):
+        Pipeline.from_yaml("pnp-vqa", FAST, models="tiny").run(items, cache_dir=tmp_path / "c")

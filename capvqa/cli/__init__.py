@@ -53,7 +53,7 @@ app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("report")(report_cmd.report)
 app.command("bench")(bench_cmd.bench)
 app.add_typer(data_cmd.app, name="data", help="Download and inspect datasets.")
-app.add_typer(cache_cmd.app, name="cache", help="Inspect and clear the stage cache.")
+app.add_typer(cache_cmd.app, name="cache", help="Inspect, check and clear the stage cache.")
 app.add_typer(config_cmd.app, name="config", help="Show and check pipeline configs without running them.")
 
 

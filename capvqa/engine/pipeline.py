@@ -49,6 +49,7 @@ from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, St
 from capvqa.engine.runtime import Runtime, make_runtime
 from capvqa.engine.stage import DatasetContext
 from capvqa.engine.store import CacheStore
+from capvqa.errors import DataError
 
 INTERRUPTED = "interrupted"
 
@@ -71,6 +72,7 @@ class _Answers:
 
     predictions: dict[Any, str] = field(default_factory=dict)
     scored_items: list[VQAItem] = field(default_factory=list)
+    question_ids: list[Any] = field(default_factory=list)
     num_items: int = 0
 
 
@@ -245,6 +247,7 @@ class Pipeline:
         with atomic_open(out / "records.jsonl") if out is not None else _no_file() as records_file:
             for item, outputs in runner.results(items):
                 answers.num_items += 1
+                answers.question_ids.append(item.question_id)
                 if item.is_annotated:
                     answers.scored_items.append(_without_image(item))
                 if outputs is None:  # skipped: no prediction, scored as missing
@@ -257,9 +260,18 @@ class Pipeline:
 
     @staticmethod
     def _score(answers: _Answers, settings: RunSettings, lemmatizer: Any) -> Any:
-        """VQA accuracy when every item is annotated (a test split has no answers), else None."""
-        if not answers.scored_items or len(answers.scored_items) != answers.num_items:
+        """VQA accuracy when the items are annotated; None when none is (a test split). A mix is an error:
+        scoring only some would report a number over a subset nobody asked for."""
+        if not answers.scored_items:
             return None
+        if len(answers.scored_items) != answers.num_items:
+            annotated = {str(item.question_id) for item in answers.scored_items}
+            missing = [qid for qid in answers.question_ids if str(qid) not in annotated]
+            raise DataError(
+                f"{len(missing)} of {answers.num_items} questions have no human answers (e.g. question ids "
+                f"{', '.join(map(str, missing[:10]))}) while the others do, so no accuracy can be computed; "
+                "annotate every question or none. The answers are kept in the cache: rerun after fixing the data."
+            )
         from capvqa.eval.accuracy import score_predictions
 
         return score_predictions(answers.scored_items, answers.predictions, lemmatizer=lemmatizer)

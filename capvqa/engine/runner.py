@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from capvqa.data.items import VQAItem
@@ -24,7 +25,7 @@ from capvqa.engine.keys import item_fingerprint, sha256_hex, stage_fingerprint, 
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, semantic_config
 from capvqa.engine.store import CacheStore
-from capvqa.errors import ConfigError, DataError
+from capvqa.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,15 @@ class BoundStage:
     fingerprint: str
 
     @classmethod
-    def create(cls, name: str, stage: Any, inputs: dict[str, str], dtype: str | None = None) -> BoundStage:
+    def create(
+        cls, name: str, stage: Any, inputs: dict[str, str], dtype: str | None = None, cache_dir: Path | None = None,
+    ) -> BoundStage:
         """``dtype`` (the run's model precision) enters the key of stages that run a model: bf16 and
-        fp32 results differ by more than rounding, so they must not be mixed in the cache."""
+        fp32 results differ by more than rounding, so they must not be mixed in the cache. ``cache_dir``
+        is the run's cache, where a stage's ``model_fingerprints`` may keep memos (PICa's pool)."""
         config = stage.config
         own = getattr(stage, "model_fingerprints", None)  # a stage whose "model" is not a hub/local model
-        models = dict(own()) if callable(own) else default_model_fingerprints(stage)
+        models = dict(own(cache_dir=cache_dir)) if callable(own) else default_model_fingerprints(stage)
         if dtype and any(not m.startswith("api:") for m in models.values()):  # local weights only
             models["dtype"] = dtype
         fingerprint = stage_fingerprint(f"{stage.NAME}", stage.VERSION, semantic_config(config), models)
@@ -141,13 +145,34 @@ class KeyedItem:
 
 
 class ImageHasher:
-    """Content hashes of images, memoised in the cache by (path, size, mtime) for files."""
+    """Content hashes (SHA-256 of the encoded bytes) of item images, memoised in the cache for files.
+
+    What the memo trusts: a file is not read again when the path resolves to a file whose device, inode,
+    size, mtime and ctime (ns) all equal those recorded when it was hashed
+    (:func:`capvqa.engine.store.file_signature`). Rewriting a file in place changes its ctime even when
+    the writer puts the mtime back with ``utime`` (no user-space call sets ctime), and replacing it
+    (rename, copy over, a re-pointed symlink) changes the inode. File times are stamped at a clock tick,
+    so a rewrite within the same tick could keep every field: a file changed less than
+    :attr:`UNSETTLED_SECONDS` before it was hashed, or that changed while it was read, is not memoised
+    (it is hashed again next time). Not seen: a rewrite on a filesystem that keeps no ctime or no stable
+    inode numbers (some FUSE and network mounts), or one that forges a ctime by setting the system clock
+    back. A memo hit is not confirmed by reading the file: that read is the cost the memo exists to save
+    (the whole image set on every rerun).
+
+    Within one hasher (one run) each path is hashed once, so every stage of a run keys an item by the
+    same version of its image.
+    """
+
+    #: Files changed more recently than this (ctime) when hashed are not memoised.
+    UNSETTLED_SECONDS = 2.0
 
     def __init__(self, store: CacheStore) -> None:
         self.store = store
         self._recent: dict[str, str] = {}
 
     def __call__(self, item: VQAItem) -> str:
+        import stat
+
         from capvqa.data.images import image_content_hash
 
         ref = item.image
@@ -157,17 +182,34 @@ class ImageHasher:
         if path in self._recent:
             return self._recent[path]
         try:
-            stat = ref.path.stat()  # type: ignore[union-attr]
+            before = ref.path.stat()  # type: ignore[union-attr]  # follows symlinks: the file that is read
         except OSError:
             return image_content_hash(ref)  # raises the loader's clear error for a missing file
-        digest = self.store.lookup_image_hash(path, stat.st_size, stat.st_mtime_ns)
+        if not stat.S_ISREG(before.st_mode):
+            return image_content_hash(ref)  # raises the loader's error for a FIFO, device or folder
+        digest = self.store.lookup_image_hash(path, before)
         if digest is None:
+            started_ns = time.time_ns()
             digest = image_content_hash(ref)
-            self.store.remember_image_hash(path, stat.st_size, stat.st_mtime_ns, digest)
+            if self._settled(ref.path, before, started_ns):  # type: ignore[arg-type]
+                self.store.remember_image_hash(path, before, digest)
         if len(self._recent) > 4096:
             self._recent.clear()
         self._recent[path] = digest
         return digest
+
+    def _settled(self, path: os.PathLike, before: os.stat_result, started_ns: int) -> bool:
+        """Whether the hash just computed may be memoised: the file is unchanged since ``before`` (so the
+        bytes hashed are the version recorded) and its last change is older than UNSETTLED_SECONDS."""
+        from capvqa.engine.store import file_signature
+
+        try:
+            after = os.stat(path)
+        except OSError:
+            return False
+        if file_signature(after) != file_signature(before):
+            return False
+        return started_ns - before.st_ctime_ns > self.UNSETTLED_SECONDS * 1e9
 
 
 @dataclass(frozen=True)
@@ -385,9 +427,10 @@ class PipelineRunner:
             for k in misses:
                 key = k.keys[source]
                 if key not in found:
-                    raise RuntimeError(
-                        f"stage {bound.name}: the {source} result of question {k.item.question_id} is not in "
-                        "the cache; run the pipeline's stages in order"
+                    raise UserError(
+                        f"stage {bound.name}: the {source} result of question {k.item.question_id} is not in the "
+                        f"cache {self.store.directory}: that stage has not run, or the entry was removed as damaged or "
+                        "cleared by another process meanwhile; rerun the pipeline (the same command) to recompute it"
                     )
                 decoded[key] = decode_record(output_type, *found[key])
             upstream_values[input_name] = decoded
@@ -419,6 +462,9 @@ class PipelineRunner:
                 for bound in self.stages:
                     key = k.keys[bound.name]
                     if key not in found:
-                        raise RuntimeError(f"question {item.question_id}: stage {bound.name} has no result")
+                        raise UserError(
+                            f"question {item.question_id}: the {bound.name} result is not in the cache "
+                            f"{self.store.directory}: it was removed as damaged or cleared by another process "
+                            "meanwhile; rerun the same command to recompute it")
                     outputs[bound.name] = decode_record(bound.stage.Output, *found[key])
                 yield item, outputs
