@@ -211,6 +211,19 @@ def test_dataset_folder_prefers_coco_names(tmp_path):
         load_image(second.image)
 
 
+def test_dataset_folder_annotation_with_empty_answers_is_rejected(tmp_path):
+    """``answers: []`` would make the item unannotated and silently turn scoring off for the run."""
+    folder = tmp_path / "mine"
+    _write_json(folder / "questions.json", _questions("val2014"))
+    annotations = _annotations()
+    annotations["annotations"][1]["answers"] = []
+    _write_json(folder / "annotations.json", annotations)
+    (folder / "images").mkdir()
+    with pytest.raises(DataError, match=r"annotations\.json: annotations\[1\] \(question_id 2000\): "
+                                        r"field 'answers' is empty"):
+        open_dataset(str(folder))
+
+
 def test_hf_spec_with_local_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     path = tmp_path / "okvqa_hf"

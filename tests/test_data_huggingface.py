@@ -167,6 +167,49 @@ def test_limit_and_subset_keep_dataset_order(tmp_path):
         load_huggingface(str(path), question_ids=[10000, 5, 6])
 
 
+def _with_answers(make, answers_by_row: dict[int, object]) -> datasets.Dataset:
+    table = make()
+    rows = table.to_dict()
+    for index, answers in answers_by_row.items():
+        rows["answers"][index] = answers
+    return datasets.Dataset.from_dict(rows, features=table.features)
+
+
+@pytest.mark.parametrize("row", [1, 0])  # the first row used to decide has_annotations alone
+def test_rows_without_answers_in_an_annotated_split_are_rejected_at_load(tmp_path, row):
+    """An empty ``answers`` would make the item unannotated and silently turn scoring off for the run."""
+    path = tmp_path / "vqav2"
+    _with_answers(vqav2_dataset, {row: []}).save_to_disk(str(path))
+    question_id = [10000, 10001, 20000][row]
+    with pytest.raises(DataError, match=rf"1 question\(s\) have no answers.*question ids {question_id}, "
+                                        r"while 2 other\(s\) have"):
+        load_huggingface(str(path))
+    with pytest.raises(DataError, match=str(question_id)):  # the whole split is checked, not the selection
+        load_huggingface(str(path), question_ids=[20000])
+
+
+def test_okvqa_missing_and_blank_answers(tmp_path):
+    missing = tmp_path / "missing.parquet"
+    _with_answers(okvqa_dataset, {1: None}).to_parquet(str(missing))
+    with pytest.raises(DataError, match=r"question ids 1181035, while 1 other"):
+        load_huggingface(str(missing))
+    blank = tmp_path / "blank.parquet"
+    _with_answers(okvqa_dataset, {0: ["", " "] * 5}).to_parquet(str(blank))
+    with pytest.raises(DataError, match=r"question 2971475: every answer is an empty string"):
+        load_huggingface(str(blank))
+    partly = tmp_path / "partly.parquet"  # one blank answer among real ones is kept: still scorable
+    _with_answers(okvqa_dataset, {0: [""] + ["race"] * 9}).to_parquet(str(partly))
+    assert next(iter(load_huggingface(str(partly)))).answers == ("",) + ("race",) * 9
+
+
+def test_streamed_rows_are_checked_at_load(monkeypatch):
+    broken = _with_answers(vqav2_dataset, {1: []})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, streaming=False, **kw: (
+        broken.to_iterable_dataset() if streaming else broken))
+    with pytest.raises(DataError, match=r"question ids 10001, while 1 other"):
+        load_huggingface("lmms-lab/VQAv2", split="validation", limit=2)
+
+
 def test_not_a_vqa_dataset(tmp_path):
     path = tmp_path / "other"
     datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(path))

@@ -185,6 +185,38 @@ def test_annotation_schema_errors(split_dir):
         _load(split_dir)
 
 
+@pytest.mark.parametrize(
+    "answers, message",
+    [
+        ([], r"field 'answers' is empty"),  # would make the item unannotated and turn scoring off
+        (_answers("", "  ", ""), r"every answer is an empty string"),
+        (None, r"missing field 'answers'"),
+        ({"answer": "no"}, r"field 'answers' must be a list, got dict"),
+    ],
+)
+def test_annotation_without_usable_answers_is_rejected_at_load_naming_file_and_question(
+    split_dir, answers, message
+):
+    broken = json.loads(json.dumps(ANNOTATIONS))
+    if answers is None:
+        del broken[1]["answers"]
+    else:
+        broken[1]["answers"] = answers
+    _write(split_dir / "a.json", {"annotations": broken})
+    with pytest.raises(DataError, match=r"a\.json: annotations\[1\] \(question_id 42001\): " + message):
+        _load(split_dir)
+    with pytest.raises(DataError, match=r"question_id 42001"):  # even when that question is not selected
+        _load(split_dir, question_ids=[7000])
+
+
+def test_some_empty_answers_among_real_ones_are_kept(split_dir):
+    """Real annotators sometimes leave one answer blank; the question is still scorable."""
+    partly = json.loads(json.dumps(ANNOTATIONS))
+    partly[1]["answers"] = _answers("", *["no"] * 9)
+    _write(split_dir / "a.json", {"annotations": partly})
+    assert [item.answers for item in _load(split_dir)][1] == ("",) + ("no",) * 9
+
+
 def test_missing_annotation_names_the_question(split_dir):
     _write(split_dir / "a.json", {"annotations": ANNOTATIONS[:2]})
     with pytest.raises(DataError, match=r"no annotation for 1 question.*7000"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from record_matching import assert_records_match
 
 from capvqa.data.datasets import open_dataset
 from capvqa.engine.pipeline import Pipeline
@@ -213,7 +214,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_zoo):
     assert clean.returncode == 0, clean.stderr
     resumed_predictions = json.loads((tmp_path / "resumed" / "predictions.json").read_text())
     assert resumed_predictions == json.loads((tmp_path / "clean" / "predictions.json").read_text())
-    assert (tmp_path / "resumed" / "records.jsonl").read_text() == (tmp_path / "clean" / "records.jsonl").read_text()
+    # resumed items were batched with other items than in the clean run: equal up to float noise
+    read_records = lambda run: [json.loads(line) for line in (tmp_path / run / "records.jsonl").read_text().splitlines()]  # noqa: E731
+    assert_records_match(read_records("resumed"), read_records("clean"))
 
     # no finished item was ever computed twice, and nothing is left half-written
     seen: dict[str, set] = {}

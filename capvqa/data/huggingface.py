@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,17 +117,56 @@ def _inner_feature(feature: Any) -> Any:
 
 
 def _answers(value: Any, schema: str, *, question_id: ItemId, source: str) -> tuple[str, ...]:
+    """A row's answers; ``()`` when it has none (``None`` or an empty list: how test splits look).
+
+    Answers that are all empty strings are an error, like an empty question: they would be scored as
+    if the humans had answered "". Whether a row without answers is allowed depends on the rest of the
+    split; :func:`check_answers` decides that.
+    """
     if value is None:
         return ()
+    if schema == VQAV2_SCHEMA and isinstance(value, Mapping):  # a ``Sequence`` of dicts: a dict of lists
+        value = value.get("answer") or []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise DataError(f"{source}: question {question_id}: 'answers' must be a list, got {value!r}")
     if schema == VQAV2_SCHEMA:
-        if isinstance(value, Mapping):  # a ``Sequence`` of dicts is stored as a dict of lists
-            value = value.get("answer") or []
-        else:
-            value = [a.get("answer") if isinstance(a, Mapping) else None for a in value]
+        value = [a.get("answer") if isinstance(a, Mapping) else None for a in value]
     answers = tuple(value)
     if not all(isinstance(a, str) for a in answers):
         raise DataError(f"{source}: question {question_id}: every answer must be a string, got {answers!r}")
+    if answers and not any(a.strip() for a in answers):
+        raise DataError(
+            f"{source}: question {question_id}: every answer is an empty string; give the question's human "
+            "answers, or remove the row"
+        )
     return answers
+
+
+def check_answers(rows: Iterable[Mapping[str, Any]], schema: str, *, source: str) -> bool:
+    """Whether the split is annotated: every row has answers (True) or none has (False, a test split).
+
+    A split where only some rows lack answers is an error naming them: their items would count as
+    unannotated, which turns scoring off for the whole run while the other questions are still reported.
+    Each row's answers are also checked as :func:`row_to_item` checks them, so a bad one fails here, at
+    load time, rather than in the middle of a run.
+    """
+    annotated = 0
+    without: list[ItemId] = []
+    for row in rows:
+        question_id = row.get("question_id")
+        if _answers(row.get("answers"), schema, question_id=question_id, source=source):
+            annotated += 1
+        else:
+            without.append(question_id)
+    if annotated and without:
+        shown = ", ".join(str(i) for i in without[:_MAX_IDS_IN_MESSAGE])
+        more = len(without) - _MAX_IDS_IN_MESSAGE
+        raise DataError(
+            f"{source}: {len(without)} question(s) have no answers (an empty or missing 'answers'): question "
+            f"ids {shown}" + (f" and {more} more" if more > 0 else "") + f", while {annotated} other(s) "
+            "have. Every question of an annotated split needs its human answers; fix or remove those rows."
+        )
+    return annotated > 0
 
 
 def _image_id(row: Mapping[str, Any], schema: str, question_id: ItemId) -> ItemId:
@@ -166,19 +204,13 @@ class HuggingFaceSource:
     An Arrow dataset is memory-mapped, so re-iterating it per stage costs no download and no memory.
     """
 
-    def __init__(self, rows: Any, schema: str, *, split: str | None, source: str) -> None:
+    def __init__(self, rows: Any, schema: str, *, split: str | None, source: str, has_annotations: bool) -> None:
+        """``has_annotations``: whether every row has answers, as :func:`check_answers` found."""
         self._rows = rows
         self.schema = schema
         self.split = split
         self.source = source
-
-    @cached_property
-    def has_annotations(self) -> bool:
-        """Whether answers are present, judged from the first row (test splits have none)."""
-        if len(self._rows) == 0:
-            return False
-        first = self._rows[0]
-        return bool(first.get("answers"))
+        self.has_annotations = has_annotations
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -218,7 +250,8 @@ def load_huggingface(
         if limit is not None and limit <= STREAM_LIMIT and question_ids is None:
             rows, split = _stream_hub(source, split, limit)
             schema = detect_schema(_features_of(rows, source), source=source)
-            return HuggingFaceSource(rows.rows, schema, split=split, source=source)
+            annotated = check_answers(rows.rows, schema, source=source)
+            return HuggingFaceSource(rows.rows, schema, split=split, source=source, has_annotations=annotated)
         table, split = _load_hub(source, split)
     else:
         raise DataError(
@@ -226,9 +259,11 @@ def load_huggingface(
             "like 'lmms-lab/VQAv2'."
         )
     schema = detect_schema(table.features, source=source)
+    # the whole split, not just the selection: a subset of unannotated rows must not pass for a test split
+    annotated = check_answers(_answer_rows(table), schema, source=source)
     table = _undecoded(table)
     table = _select(table, limit=limit, question_ids=question_ids, source=source)
-    return HuggingFaceSource(table, schema, split=split, source=source)
+    return HuggingFaceSource(table, schema, split=split, source=source, has_annotations=annotated)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -322,6 +357,15 @@ def _features_of(streamed: _Streamed, source: str) -> Any:
     if streamed.features is None:
         raise DataError(f"{source}: the hub did not report the dataset's features; cannot detect its schema.")
     return streamed.features
+
+
+def _answer_rows(table: datasets.Dataset) -> Iterator[dict[str, Any]]:
+    """``question_id`` and ``answers`` of every row, read column-wise (about 1 s per 200k VQAv2 rows)."""
+    if "answers" not in table.column_names:
+        return
+    for batch in table.select_columns(["question_id", "answers"]).iter(batch_size=4096):
+        for question_id, answers in zip(batch["question_id"], batch["answers"]):
+            yield {"question_id": question_id, "answers": answers}
 
 
 def _undecoded(table: datasets.Dataset) -> datasets.Dataset:

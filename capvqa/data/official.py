@@ -1,6 +1,6 @@
 """Loader for the official VQAv2 / OK-VQA question and annotation files plus a COCO image folder.
 
-The files (SPEC §5)::
+The files::
 
     questions JSON    {"data_subtype": "val2014", ..., "questions": [{image_id, question, question_id}]}
     annotations JSON  {"annotations": [{question_id, image_id, question_type, answer_type,
@@ -394,12 +394,22 @@ def _optional_str_field(entry: Mapping[str, Any], name: str, where: str) -> str 
 
 
 def _answers_field(entry: Mapping[str, Any], where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``answers[*].answer`` in order, and ``raw_answer`` where the file has it (OK-VQA v1.1)."""
+    """``answers[*].answer`` in order, and ``raw_answer`` where the file has it (OK-VQA v1.1).
+
+    An annotation without a usable answer (an empty list, or only empty strings) is an error, like an
+    empty question: its item would count as unannotated, which turns scoring off for the whole run while
+    the other questions are still reported, or be scored against nothing.
+    """
     if "answers" not in entry:
         raise DataError(f"{where}: missing field 'answers'")
     answers = entry["answers"]
     if not isinstance(answers, list):
         raise DataError(f"{where}: field 'answers' must be a list, got {type(answers).__name__}")
+    if not answers:
+        raise DataError(
+            f"{where}: field 'answers' is empty; give the question's human answers, or remove the question "
+            "from both the questions and the annotations file"
+        )
     stemmed: list[str] = []
     raw: list[str] = []
     for position, answer in enumerate(answers):
@@ -412,6 +422,11 @@ def _answers_field(entry: Mapping[str, Any], where: str) -> tuple[tuple[str, ...
         if raw_answer is not None and not isinstance(raw_answer, str):
             raise DataError(f"{where}: answers[{position}].raw_answer must be a string, got {raw_answer!r}")
         raw.append(raw_answer if raw_answer is not None else answer["answer"])
+    if not any(answer.strip() for answer in stemmed):
+        raise DataError(
+            f"{where}: every answer is an empty string; give the question's human answers, or remove the "
+            "question from both the questions and the annotations file"
+        )
     has_raw = any(isinstance(a, Mapping) and "raw_answer" in a for a in answers)
     return tuple(stemmed), tuple(raw) if has_raw else ()
 

@@ -2,8 +2,12 @@
 
 Each rank runs every stage on its shard of the items (item i goes to rank i mod world size, a
 deterministic split), writing into the one shared cache. Since an item's result depends only on (seed,
-item, config), the union equals a single-process run. When all ranks are done, rank 0 reads every
-result back from the cache, evaluates and writes the run folder; other ranks write nothing.
+item, config), the union equals a single-process run -- up to floating-point rounding: a rank batches an
+item with other items than a single process does, so its float results (relevance maps, logits) may
+differ in the last bits (within 1e-5 relative, tested), and rarely a sampled patch set or caption token
+follows (rates in :mod:`capvqa.ops.patch_sampling` and :mod:`capvqa.ops.seeded_sampling`). When all
+ranks are done, rank 0 reads every result back from the cache, evaluates and writes the run folder; other
+ranks write nothing.
 
 Ranks on one machine share a local cache directory. Across machines the cache directory must be on a
 filesystem with working POSIX locks (SQLite's requirement), or run each node on its own cache and
