@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from capvqa.bench.memory import PeakMemory, current_rss_bytes
 
 
+@pytest.mark.slow
 def test_bench_json_contract(tmp_path, tiny_zoo):
     out = tmp_path / "bench.json"
     done = subprocess.run(

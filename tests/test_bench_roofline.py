@@ -132,6 +132,7 @@ def test_measured_cpu_peaks_are_plausible():
     assert math.isfinite(peaks.flops_per_second / peaks.bytes_per_second)
 
 
+@pytest.mark.slow
 def test_bench_roofline_counts_every_stage_without_touching_the_timings(tiny_zoo):
     from capvqa.bench.run import run_benchmark
 

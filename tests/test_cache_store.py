@@ -4,6 +4,7 @@ import multiprocessing
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 
 from capvqa.engine.codec import decode_record, encode_record
 from capvqa.engine.keys import item_fingerprint, stage_fingerprint, stage_item_key
@@ -81,6 +82,7 @@ def _open_fresh_cache_at_once(directory: str, barrier, results) -> None:
         results.put(f"{type(error).__name__}: {error}")
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_cache_together_all_succeed(tmp_path):
     # Regression: the WAL switch on a new file does not wait on SQLite's busy handler, so a second run
     # started beside the first used to fail with "database is locked".

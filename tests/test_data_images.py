@@ -283,6 +283,7 @@ _KEY_TWO_IMAGES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
 @pytest.mark.parametrize("policy", ["skip", "error"])
 def test_run_skips_or_stops_at_an_image_that_links_to_dev_zero(tmp_path, policy):

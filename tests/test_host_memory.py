@@ -30,6 +30,7 @@ def run(env_extra):
     return [s.strip() for s in done.stdout.strip().split("|")]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning applies to glibc malloc only")
 def test_cpu_runtime_keeps_freed_memory_and_the_opt_out_leaves_malloc_alone():
     before, untouched, after = run({})

@@ -18,6 +18,7 @@ def records(out):
     return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_img2llm_reuses_pnp_vqa_matching_and_captioning(tmp_path, tiny_zoo):
     data = open_dataset("sample", limit=4)
     Pipeline.from_yaml("pnp-vqa", SHARED, models="tiny").run(data, cache_dir=tmp_path / "cache")
@@ -58,6 +59,7 @@ def test_img2llm_prompt_keeps_exemplars_when_they_fit(tmp_path, tiny_zoo):
     assert prompt.count("\nQuestion: ") == prompt_record["num_exemplars"] + 1
 
 
+@pytest.mark.slow
 def test_img2llm_cli_on_sample(tmp_path, tiny_zoo):
     done = subprocess.run(
         [sys.executable, "-m", "capvqa", "run", "img2llm", "--dataset", "sample", "--models", "tiny", "--limit", "3",

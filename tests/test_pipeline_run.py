@@ -20,6 +20,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_exact_issue_command_writes_the_run_folder(tmp_path, tiny_zoo):
     out = tmp_path / "run"
     done = run_cli("run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--limit", "8", "--out", str(out),
@@ -64,6 +65,7 @@ def test_exact_issue_command_writes_the_run_folder(tmp_path, tiny_zoo):
     assert "fid_reader" not in run_cli("cache", "info", "--cache-dir", str(tmp_path / "cache")).stdout
 
 
+@pytest.mark.slow
 def test_cli_user_errors_have_no_traceback(tmp_path):
     done = run_cli("run", "pnp-vqa", "--dataset", "sample", "--set", "captioning.nope=1")
     assert done.returncode == 2
@@ -89,6 +91,7 @@ def test_changing_a_parameter_recomputes_that_stage_and_later_only(tmp_path, tin
     assert _stage_stats(batch_only) == {"matching": (0, 5), "captioning": (0, 5), "reader": (0, 5)}
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_results(tmp_path, tiny_zoo):
     data = open_dataset("sample", limit=6)
     one = Pipeline.from_yaml("pnp-vqa", [*FAST, "captioning.batch_size=1", "reader.batch_size=1"], models="tiny")
@@ -128,6 +131,7 @@ def test_resume_after_interruption_recomputes_nothing_finished(tmp_path, tiny_zo
     assert resumed.predictions == fresh.predictions
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_share_one_cache(tmp_path, tiny_zoo):
     cache = tmp_path / "cache"
     common = ["run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--limit", "6", "--quiet",

@@ -78,6 +78,7 @@ def test_bad_images_skip_policy_records_and_scores_them_as_missing(mixed_folder,
     assert timings["num_skipped"] == 4
 
 
+@pytest.mark.slow
 def test_bad_images_error_policy_names_the_file(mixed_folder, tmp_path, tiny_zoo):
     with pytest.raises(DataError, match="COCO_val2014_000000000002"):
         Pipeline.from_yaml("pnp-vqa", FAST, models="tiny").run(
@@ -123,6 +124,7 @@ def test_duplicate_question_ids_are_an_error(tmp_path):
         open_dataset(str(folder))
 
 
+@pytest.mark.slow
 def test_out_of_memory_retries_at_half_batch(tmp_path, tiny_zoo, monkeypatch):
     import torch
 
@@ -154,6 +156,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path, tiny_zoo):
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
 
 
+@pytest.mark.slow
 def test_model_that_cannot_load_offline_says_what_to_do(tmp_path):
     done = subprocess.run([sys.executable, "-m", "capvqa", "run", "pnp-vqa", "--dataset", "sample", "--limit", "1",
                            "--set", "models.itm=nobody/not-downloaded-model", "--cache-dir", str(tmp_path / "c"),
@@ -182,6 +185,7 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_zoo):
     """Per-item random streams (docs/methods.md#shared-deviations) make a killed-and-resumed run equal an
     uninterrupted one."""

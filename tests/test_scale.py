@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent('''
     import io, json, sys
     from PIL import Image
@@ -47,6 +49,7 @@ def run(count, tmp_path):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_rss_does_not_grow_with_the_dataset(tmp_path, tiny_zoo):
     small, large = run(2_000, tmp_path), run(20_000, tmp_path)
     assert large["predictions"] == 20_000 and large["computed"] == [20_000] * 3

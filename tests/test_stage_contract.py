@@ -78,6 +78,7 @@ def test_unregistered_types_are_refused_without_importing(type_name):
         assert "register" in str(raised.value)
 
 
+@pytest.mark.slow
 def test_a_yaml_naming_a_module_in_the_current_folder_runs_no_code(tmp_path):
     """python -m capvqa puts the current folder on sys.path; a config must not be a way to import from it."""
     (tmp_path / "evil.py").write_text("open('PWNED', 'w').write('x')\n")
