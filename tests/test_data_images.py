@@ -297,3 +297,26 @@ def test_run_skips_or_stops_at_an_image_that_links_to_dev_zero(tmp_path, policy)
         assert "COCO_val2014_000000000002.jpg" in result["skipped"]["2"]
     else:
         assert "COCO_val2014_000000000002.jpg" in result["error"] and "character device" in result["error"]
+
+
+def test_an_image_replaced_after_hashing_is_refused_at_decode(tmp_path):
+    """The engine keys an item by the hash of its image bytes when the run starts; a file replaced before a
+    stage decodes it must not get results stored under the old content's keys."""
+    import hashlib
+
+    from capvqa.data.images import distinct_images
+    from capvqa.data.items import ImageRef, VQAItem
+    from capvqa.engine.stage import StageInput
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+    hashed = hashlib.sha256(path.read_bytes()).hexdigest()
+    item = VQAItem(question_id=1, image_id=1, question="what?", image=ImageRef(path=path))
+    entry = StageInput(item=item, item_key="k", image_hash=hashed, content_sha256=hashed)
+    images, _ = distinct_images([entry])
+    assert images[0].getpixel((0, 0)) == (255, 0, 0)
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(path)
+    with pytest.raises(DataError, match="changed while the run was using it"):
+        distinct_images([entry])
+    hand_made = StageInput(item=item, item_key="k", image_hash="mine")  # stages used alone: nothing to check
+    assert distinct_images([hand_made])[0][0].getpixel((0, 0)) == (0, 0, 255)

@@ -65,23 +65,41 @@ def load_image(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     exif_transpose: bool = True,
+    expected_sha256: str | None = None,
 ) -> Image.Image:
     """Decode ``ref`` into a fully loaded 8-bit RGB image.
 
     ``max_pixels`` is checked against the header's size *before* any pixel is decoded; ``None`` turns
     our check off (Pillow still refuses more than twice its global ``Image.MAX_IMAGE_PIXELS``).
     ``exif_transpose`` applies the EXIF orientation tag so the pixels are upright as a camera app
-    shows them.
+    shows them. ``expected_sha256`` is the content hash the item's cache keys were made from: the bytes
+    decoded must be those bytes, else a file replaced after the run hashed it would have its results
+    stored under the old content's keys.
     """
     if ref.path is not None:
-        data_or_file: BinaryIO = _open_file(ref.path)
+        with _open_file(ref.path) as handle:
+            encoded = _read_capped(handle, ref.path)
     else:
-        data_or_file = io.BytesIO(ref.data or b"")
-    with data_or_file as stream:
+        encoded = ref.data or b""
+    if expected_sha256 is not None and hashlib.sha256(encoded).hexdigest() != expected_sha256:
+        raise DataError(
+            f"image {ref.describe()} changed while the run was using it (its content no longer matches the "
+            "hash its cached results are keyed by); rerun once the file is final"
+        )
+    with io.BytesIO(encoded) as stream:
         image = _decode(stream, ref.describe(), max_pixels=max_pixels)
     if exif_transpose:
         image = _exif_transposed(image, ref.describe())
     return to_rgb(image)
+
+
+def _read_capped(handle: BinaryIO, path: Path) -> bytes:
+    """The file's bytes, refusing a file that grows past the size limit while it is read."""
+    limit = max_image_file_bytes()
+    encoded = handle.read(limit + 1)
+    if len(encoded) > limit:
+        raise _too_large(path, len(encoded), limit, grew=True)
+    return encoded
 
 
 def image_content_hash(ref: ImageRef) -> str:
@@ -304,6 +322,6 @@ def distinct_images(batch: Sequence[StageInput]) -> tuple[list[Image.Image], lis
     for entry in batch:
         if entry.image_hash not in index_of:
             index_of[entry.image_hash] = len(images)
-            images.append(load_image(entry.item.image))
+            images.append(load_image(entry.item.image, expected_sha256=entry.content_sha256))
         positions.append(index_of[entry.image_hash])
     return images, positions

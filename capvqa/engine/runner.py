@@ -229,7 +229,7 @@ def _items_with_bad_images(batch: Sequence[StageInput]) -> dict[int, DataError]:
     bad: dict[int, DataError] = {}
     for i, entry in enumerate(batch):
         try:
-            load_image(entry.item.image)
+            load_image(entry.item.image, expected_sha256=entry.content_sha256)
         except DataError as error:
             bad[i] = error
     return bad
@@ -439,6 +439,7 @@ class PipelineRunner:
                 item=k.item,
                 item_key=k.item_key,
                 image_hash=k.image_hash,
+                content_sha256=k.image_hash,
                 upstream={name: upstream_values[name][k.keys[source]] for name, source in bound.inputs.items()},
             )
             for k in misses

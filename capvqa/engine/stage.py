@@ -38,13 +38,17 @@ class StageInput:
     """One item as a stage sees it: the dataset record, its cache identity, and upstream results.
 
     ``item_key`` identifies (image content, question); stages derive per-item random streams from it so
-    an item's result does not depend on which items share its batch.
+    an item's result does not depend on which items share its batch. ``content_sha256`` is set by the
+    engine: the hash of the image bytes the keys were made from, which a stage decoding the image checks
+    (:func:`capvqa.data.images.distinct_images`), so a file replaced mid-run never gets results under the
+    old content's keys; hand-made inputs leave it None.
     """
 
     item: VQAItem
     item_key: str
     image_hash: str
     upstream: dict[str, Any] = field(default_factory=dict)
+    content_sha256: str | None = None
 
 
 @dataclass(frozen=True)
