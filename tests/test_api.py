@@ -156,3 +156,44 @@ def test_a_mix_of_annotated_and_unannotated_items_is_an_error_not_a_silent_subse
     with pytest.raises(DataError, match=r"1 of 3 questions have no human answers \(e.g. question ids "
                                         + str(items[1].question_id)):
         Pipeline.from_yaml("pnp-vqa", FAST, models="tiny").run(items, cache_dir=tmp_path / "c")
+
+
+def test_a_folder_that_is_not_a_run_folder_keeps_its_files(tmp_path, tiny_zoo):
+    """`--out .` in a project must not delete the project's own config.yaml or report.md."""
+    from capvqa import Pipeline, open_dataset
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my: settings\n")
+    with pytest.raises(ConfigError.__mro__[1], match="not a capvqa run folder.*config.yaml"):
+        Pipeline.from_yaml("pnp-vqa", FAST, models="tiny").run(open_dataset("sample", limit=1), out_dir=project,
+                                                               cache_dir=tmp_path / "c")
+    assert (project / "config.yaml").read_text() == "my: settings\n"
+
+
+def test_run_records_the_selection_and_reruns_exactly_it(tmp_path, tiny_zoo):
+    """A run from Python on open_dataset(..., limit=2) reruns on those 2 questions, not the whole split."""
+    from capvqa import Pipeline, RunSettings, open_dataset
+
+    out = tmp_path / "api"
+    first = Pipeline.from_yaml("pnp-vqa", FAST, models="tiny").run(open_dataset("sample", limit=2), out_dir=out,
+                                                                   cache_dir=tmp_path / "c")
+    again = Pipeline.from_yaml(out).run_with(RunSettings(), out_dir=tmp_path / "again")
+    assert again.predictions == first.predictions and len(again.predictions) == 2
+
+
+def test_a_given_batch_size_reaches_the_stages_and_a_given_default_beats_a_saved_value(tmp_path, tiny_zoo):
+    import yaml
+
+    from capvqa import Pipeline, RunSettings
+
+    out = tmp_path / "run"
+    Pipeline.from_yaml("pnp-vqa", [*FAST, "reader.batch_size=3"], models="tiny").run_with(
+        RunSettings(dataset="sample", limit=2, batch_size=1, on_bad_image="skip", cache_dir=str(tmp_path / "c")),
+        out_dir=out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert {name: node["batch_size"] for name, node in saved["stages"].items()} == {
+        "matching": 1, "captioning": 1, "reader": 3}
+    assert saved["run"]["on_bad_image"] == "skip"
+    Pipeline.from_yaml(out).run_with(RunSettings(on_bad_image="error"), out_dir=tmp_path / "again")
+    assert yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())["run"]["on_bad_image"] == "error"

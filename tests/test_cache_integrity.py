@@ -185,6 +185,31 @@ def test_repair_of_a_garbage_file_starts_an_empty_database_and_keeps_the_old_one
     assert store.usage() == [] and store.put_many("s", [("a", b"{}", b"")]) == 1
 
 
+
+def test_a_repair_that_cannot_write_changes_nothing_and_leaves_no_half_built_file(tmp_path, monkeypatch):
+    import sqlite3
+
+    from capvqa.engine import store as store_module
+    from capvqa.errors import UserError
+
+    database = tmp_path / DB_FILENAME
+    _garbage(database)
+    before = database.read_bytes()
+
+    initialise = store_module._initialise
+
+    def disk_full_for_the_new_file(connection):
+        if "rebuild" in connection.execute("PRAGMA database_list").fetchone()[2]:
+            raise sqlite3.OperationalError("database or disk is full")
+        initialise(connection)
+
+    monkeypatch.setattr(store_module, "_initialise", disk_full_for_the_new_file)
+    with pytest.raises(UserError, match="repairing the stage cache .* failed .* Nothing was changed"):
+        CacheStore(tmp_path).check(repair=True)
+    assert database.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DB_FILENAME]
+
+
 # -- the command line -------------------------------------------------------------------------------
 
 

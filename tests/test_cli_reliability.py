@@ -351,3 +351,17 @@ def test_run_options_are_refused_before_anything_runs(monkeypatch, capsys, tmp_p
                             "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *args)
     assert code == 2 and message in one_line(err) and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_cache_clear_also_removes_the_example_pool_arrays_and_memos(monkeypatch, capsys, tmp_path):
+    from capvqa.data.example_pool import POOL_CACHE_SUBDIR
+    from capvqa.engine.store import CacheStore
+
+    store = CacheStore(tmp_path)
+    store.put_many("x", [])
+    store.close()
+    pools = tmp_path / POOL_CACHE_SUBDIR
+    pools.mkdir()
+    (pools / "fingerprint-abc.json").write_text("{}")
+    code, out, _ = run_main(monkeypatch, capsys, "cache", "clear", "--yes", "--cache-dir", str(tmp_path))
+    assert code in (0, None) and not pools.exists() and "example-pool" in out

@@ -322,15 +322,13 @@ def test_a_missing_pool_captions_file_is_a_clear_error_when_the_pipeline_is_buil
 @pytest.mark.parametrize(
     ("params", "run", "expected"),
     [
-        # auto on the bundled sample (or any non-official dataset): the run's dataset itself, its split
+        # auto on the bundled sample: the sample itself, its split
         ({}, ("sample", "val2014", None), {"pool_dataset": "sample", "pool_split": "val2014"}),
         # auto on an official dataset: its train2014 under the run's data root
         ({"pool_dataset": "auto"}, ("okvqa", "val2014", "/data"),
          {"pool_dataset": "okvqa", "pool_split": "train2014", "pool_data_root": "/data"}),
         ({}, ("vqav2", "test-dev2015", "/data"),
          {"pool_dataset": "vqav2", "pool_split": "train2014", "pool_data_root": "/data"}),
-        ({}, ("hf:lmms-lab/VQAv2", "validation", None),
-         {"pool_dataset": "hf:lmms-lab/VQAv2", "pool_split": "validation"}),
         # an explicit pool wins; its own split and root too
         ({"pool_dataset": "vqav2"}, ("okvqa", "val2014", "/data"),
          {"pool_dataset": "vqav2", "pool_split": "train2014", "pool_data_root": "/data"}),
@@ -359,14 +357,22 @@ def test_resolve_params_makes_local_paths_absolute(tmp_path, monkeypatch):
     shutil.copytree(sample_dir(), tmp_path / "mine")
     (tmp_path / "captions.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    folder_run = ExampleSelection.resolve_params({"pool_captions": "captions.json"},
-                                                 DatasetContext("mine", "val2014", None))
-    assert folder_run == {"pool_dataset": str(tmp_path / "mine"), "pool_split": "val2014",
-                          "pool_captions": str(tmp_path / "captions.json")}
+    folder_pool = ExampleSelection.resolve_params({"pool_dataset": "mine", "pool_captions": "captions.json"},
+                                                  DatasetContext("okvqa", "val2014", None))
+    assert folder_pool == {"pool_dataset": str(tmp_path / "mine"), "pool_captions": str(tmp_path / "captions.json")}
     official = ExampleSelection.resolve_params({}, DatasetContext("okvqa", "val2014", "data"))
     assert official["pool_data_root"] == str(tmp_path / "data")
-    hf_path = ExampleSelection.resolve_params({}, DatasetContext("hf:mine", None, None))
-    assert hf_path == {"pool_dataset": f"hf:{tmp_path / 'mine'}", "pool_split": None}
+    hf_path = ExampleSelection.resolve_params({"pool_dataset": "hf:mine"}, DatasetContext("okvqa", None, None))
+    assert hf_path == {"pool_dataset": f"hf:{tmp_path / 'mine'}"}
+
+
+@pytest.mark.parametrize("run", [("hf:lmms-lab/OK-VQA", "val2014", None), ("/data/my-vqa-folder", "val2014", None)])
+def test_auto_never_takes_an_evaluated_split_as_its_own_pool(run):
+    """Only the bundled sample is its own pool: any other split's examples would carry its own answers."""
+    from capvqa.engine.stage import DatasetContext
+
+    with pytest.raises(ConfigError, match="examples.pool_dataset"):
+        ExampleSelection.resolve_params({"pool_dataset": "auto"}, DatasetContext(*run))
 
 
 def test_an_unresolved_auto_pool_is_a_clear_error(selection_settings):
@@ -523,8 +529,8 @@ def test_setup_closes_the_cache_store_it_opens(selection_settings, cpu_runtime, 
     assert closed == [tmp_path]
 
 
-def test_an_unannotated_run_dataset_cannot_be_its_own_pool(selection_settings, cpu_runtime, tmp_path):
-    """auto pools the run's own dataset; one without answers says to set pool_dataset instead."""
+def test_an_unannotated_pool_is_refused(selection_settings, cpu_runtime, tmp_path):
+    """A pool without answers cannot give examples; the error says to set pool_dataset instead."""
     import shutil
 
     from capvqa.engine.stage import DatasetContext
@@ -533,7 +539,8 @@ def test_an_unannotated_run_dataset_cannot_be_its_own_pool(selection_settings, c
 
     folder = shutil.copytree(sample_dir(), tmp_path / "questions-only")
     (folder / "annotations.json").unlink()
-    params = ExampleSelection.resolve_params({}, DatasetContext(str(folder), "val2014", None))
+    params = ExampleSelection.resolve_params({"pool_dataset": str(folder), "pool_split": "val2014"},
+                                             DatasetContext("sample", "val2014", None))
     stage = ExampleSelection(**dict(selection_settings, mode="random", **params))
     with pytest.raises(DataError, match=r"questions-only val2014 has no annotations.*set examples\.pool_dataset"):
         stage.setup(_runtime(cpu_runtime, tmp_path / "cache"))

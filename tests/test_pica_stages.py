@@ -122,6 +122,17 @@ def test_an_input_the_prompt_does_not_read_is_an_error():
         PicaPrompt().run([_prompt_input(extra={"tag": ImageTags(tags=["cat"], scores=[0.5])})])
 
 
+def test_a_misspelt_input_is_rejected_when_the_config_loads(tmp_path):
+    """`tag: tags` instead of `tags: tags` would silently drop the tags; it fails at load, before any model."""
+    from capvqa.engine.config import load_spec
+
+    def misspell(stages):
+        stages["prompt"]["inputs"] = {"caption": "caption", "examples": "examples", "tag": "tags"}
+
+    with pytest.raises(ConfigError, match=r"reads no input \['tag'\]"):
+        load_spec(_saved_config(tmp_path, misspell))
+
+
 def _saved_config(tmp_path, edit):
     import yaml
 

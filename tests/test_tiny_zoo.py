@@ -205,7 +205,7 @@ def test_opt_left_padded_generate(zoo):
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
     )  # fmt: skip
-    assert config.vocab_size >= len(tokenizer) and config.max_position_embeddings == 512
+    assert config.vocab_size >= len(tokenizer) and config.max_position_embeddings == 2048
     prompts = ["Question: what is it?\nAnswer:", "Context: a dog on a bed.\n===\nQ: what animal is this?\nA:"]
     inputs = tokenizer(prompts, padding=True, return_tensors="pt")
     assert inputs["input_ids"][0, 0] == tokenizer.pad_token_id and inputs["attention_mask"][0, 0] == 0

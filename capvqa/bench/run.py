@@ -100,8 +100,12 @@ def run_benchmark(
     peak_tflops: float | None = None,
     peak_bandwidth_gbs: float | None = None,
     progress: Any = None,
+    keep_freed_host_memory: bool = False,
 ) -> dict[str, Any]:
     """Measure every stage; returns the JSON-ready result (see ``capvqa bench --help``).
+
+    ``keep_freed_host_memory`` tunes this process's allocator for CPU runs as ``capvqa run`` does
+    (:mod:`capvqa.engine.host_memory`); ``capvqa bench`` turns it on, a library call opts in.
 
     ``pipeline`` and ``size`` are resolved by :func:`resolve_bench_config`; every setting is checked
     before any model is built or loaded.
@@ -147,7 +151,7 @@ def run_benchmark(
     else:
         spec_models = "tiny"
     pipe = Pipeline.from_yaml(config_name, overrides, models=spec_models)
-    runtime = make_runtime(device, dtype, keep_freed_host_memory=True)  # as `capvqa run` does
+    runtime = make_runtime(device, dtype, keep_freed_host_memory=keep_freed_host_memory)
 
     with tempfile.TemporaryDirectory(prefix="capvqa-bench-") as scratch:
         scratch_dir = Path(scratch)

@@ -62,6 +62,7 @@ def bench(
             batch_size=batch_size, device=device, dtype=dtype, num_captions=num_captions, num_patches=num_patches,
             caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, roofline=roofline,
             peak_tflops=peak_tflops, peak_bandwidth_gbs=peak_bandwidth_gbs, progress=progress,
+            keep_freed_host_memory=True,  # as capvqa run does, so the figures match a real run's
         )
     table = Table(title=f"{result['settings']['pipeline']} on {escape(result['device'])}, {result['settings']['dtype']}, "
                         f"{questions} questions, batch {batch_size}")

@@ -128,6 +128,8 @@ def clear(
     what = f"stage {stage}" if stage else "every stage"
     if not yes and sys.stdin.isatty() and not typer.confirm(f"Delete the cached results of {what} in {store.path}?"):
         raise typer.Abort()
+    if stage is None or stage == _POOL_STAGE:
+        _clear_example_pools(store.directory)
     if known is not None:
         try:
             removed = store.clear(stage)
@@ -142,6 +144,21 @@ def clear(
         f"the cache database was damaged; deleted it ({', '.join(str(p) for p in deleted) or 'nothing left'}). "
         "The next run starts an empty cache."
     )
+
+
+_POOL_STAGE = "pica_example_selection"
+
+
+def _clear_example_pools(cache_dir: Path) -> None:
+    """PICa's pool embeddings and pool-fingerprint memos live beside the database; they go with it."""
+    import shutil
+
+    from capvqa.data.example_pool import POOL_CACHE_SUBDIR
+
+    pools = cache_dir / POOL_CACHE_SUBDIR
+    if pools.is_dir():
+        shutil.rmtree(pools)
+        print_text(f"removed the example-pool arrays and memos in {pools}")
 
 
 def _print_damaged_copies(store: CacheStore) -> None:

@@ -44,22 +44,21 @@ def run(
     explicit = RunSettings(
         dataset=dataset, split=split, data_root=str(data_root) if data_root else None, limit=limit,
         question_ids=parse_question_ids(question_ids) if question_ids is not None else None,
-        batch_size=batch_size, device=device or "auto", dtype=dtype or "auto",
-        cache_dir=str(cache_dir) if cache_dir else None, lemmatize=lemmatize or "none",
-        on_bad_image=on_bad_image or "error",
+        batch_size=batch_size, device=device, dtype=dtype, cache_dir=str(cache_dir) if cache_dir else None,
+        lemmatize=lemmatize, on_bad_image=on_bad_image,
     )
     explicit.check_options()  # before the config loads: a bad option costs nothing
     overrides = ([f"seed={seed}"] if seed is not None else []) + list(set_ or [])
-    pipe = Pipeline.from_yaml(pipeline, overrides=overrides, models=models, batch_size=batch_size)
-    settings = explicit.restored_from(pipe.spec.run).validate()
+    pipe = Pipeline.from_yaml(pipeline, overrides=overrides, models=models)
     if pipe.spec.models_preset == "tiny":
         print_warning("--models tiny: random-weight tiny models. The answers and accuracy are meaningless; "
                       "this run only exercises the pipeline end to end.")
-    note_resumable_run(settings.cache_dir)  # what Ctrl-C says: finished batches are kept, how to resume
+    # what Ctrl-C says: finished batches are kept in the run's cache, and how to resume
+    note_resumable_run(explicit.restored_from(pipe.spec.run).cache_dir)
     out_dir = out or Path("runs") / f"{pipe.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     is_main = DistributedContext.from_env().is_main
     with stage_progress(enabled=not quiet and is_main) as progress:
-        result = pipe.run_with(settings, out_dir=out_dir, progress=progress, keep_freed_host_memory=True)
+        result = pipe.run_with(explicit, out_dir=out_dir, progress=progress, keep_freed_host_memory=True)
     if not is_main:
         return  # rank 0 writes the run folder and prints the summary
     if report:

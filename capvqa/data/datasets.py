@@ -73,12 +73,15 @@ class Dataset:
 
     def __init__(
         self, name: str, split: str | None, source: ItemSource, *, spec: str | None = None,
-        data_root: Path | None = None,
+        data_root: Path | None = None, limit: int | None = None, question_ids: Sequence[ItemId] | None = None,
     ) -> None:
         self.name = name
         self.split = split
-        self.spec = spec if spec is not None else name  # what open_dataset was given, to reopen it
+        # what open_dataset was given, so a run can record how to open exactly this selection again
+        self.spec = spec if spec is not None else name
         self.data_root = data_root
+        self.limit = limit
+        self.question_ids = tuple(question_ids) if question_ids is not None else None
         self._source = source
 
     @property
@@ -182,7 +185,7 @@ def open_dataset(
     spec = spec.strip()
     if spec == "sample":
         source = load_folder(sample_dir(), split=split, limit=limit, question_ids=question_ids)
-        return Dataset("sample", source.split, source)
+        return Dataset("sample", source.split, source, limit=limit, question_ids=question_ids)
     if spec in ("vqav2", "okvqa"):
         return _open_official(spec, split=split, data_root=data_root, limit=limit, question_ids=question_ids)
     if spec.startswith(HF_PREFIX):
@@ -190,11 +193,12 @@ def open_dataset(
         if not target:
             raise DataError(f"Dataset spec {spec!r} names no dataset; e.g. hf:lmms-lab/VQAv2.")
         hf_source = load_huggingface(target, split=split, limit=limit, question_ids=question_ids)
-        return Dataset(spec, hf_source.split, hf_source)
+        return Dataset(spec, hf_source.split, hf_source, limit=limit, question_ids=question_ids)
     path = Path(spec).expanduser()
     if path.is_dir() and is_dataset_folder(path):
         source = load_folder(path, split=split, limit=limit, question_ids=question_ids)
-        return Dataset(path.resolve().name, source.split, source, spec=str(path.resolve()))
+        return Dataset(path.resolve().name, source.split, source, spec=str(path.resolve()), limit=limit,
+                       question_ids=question_ids)
     reason = (
         f"the folder {path} has no questions.json"
         if path.is_dir()
@@ -230,7 +234,7 @@ def _open_official(
         limit=limit,
         question_ids=question_ids,
     )
-    return Dataset(dataset, split, source, data_root=Path(data_root))
+    return Dataset(dataset, split, source, data_root=Path(data_root), limit=limit, question_ids=question_ids)
 
 
 def _check_present(layout: OfficialLayout, root: Path) -> None:

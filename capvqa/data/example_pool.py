@@ -224,9 +224,12 @@ def pool_source_files(dataset: str, split: str | None, data_root: Path | None) -
 
 
 def file_identity(path: Path) -> list[Any]:
-    """What says a file is unchanged without reading it: resolved path, size, mtime (ns) and inode."""
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    """What says a file is unchanged without reading it: its resolved path and the image memo's file
+    signature (device, inode, size, mtime, ctime: a file edited in place and given its old size and mtime
+    back, as ``cp -p`` or ``rsync -t`` do, still has a new ctime)."""
+    from capvqa.engine.store import file_signature
+
+    return [str(path.resolve()), file_signature(path.stat())]
 
 
 def memoised_pool_fingerprint(
@@ -243,9 +246,10 @@ def memoised_pool_fingerprint(
 
     The memo is keyed by the identity (:func:`file_identity`) of every file the pool and the captions
     file are read from, and by what selects the pool's rows (dataset, split, limit). A fully cached rerun
-    thus stats a few files instead of parsing the whole pool; a file edited or replaced has a new size,
-    mtime or inode, and the pool is read again. The identities are taken before the pool is read, so a
-    file changed meanwhile can only cause a miss later, never a stale hit. Pools whose files cannot be
+    thus stats a few files instead of parsing the whole pool; a file edited or replaced has a new
+    signature (its ctime changes on every write), and the pool is read again. The identities are taken
+    before the pool is read, so a file changed meanwhile can only cause a miss later, never a stale hit.
+    ``capvqa cache clear`` removes these memos with the rest of the cache. Pools whose files cannot be
     named (:func:`pool_source_files`) are read every time. A memo that cannot be written is only logged.
     """
     files = pool_source_files(dataset, split, data_root)

@@ -28,8 +28,15 @@ RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
 def start_run_folder(out: Path) -> None:
     """Make ``out`` writable and empty of any earlier run's files, then mark it ``running``.
 
-    Fails before any computation when the folder cannot be written.
+    Fails before any computation when the folder cannot be written, or when it holds files with a run
+    file's name (a project's own ``config.yaml``, say) but is not a run folder: those are never deleted.
     """
+    taken = [name for name in RUN_FILES if (out / name).exists()]
+    if taken and not is_run_folder(out):
+        raise UserError(
+            f"{out} is not a capvqa run folder but holds {', '.join(taken)}, which a run would replace; "
+            "choose another --out (a new or empty folder, or an earlier run's folder)"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".capvqa-write-test"
@@ -40,6 +47,20 @@ def start_run_folder(out: Path) -> None:
     except OSError as error:
         raise UserError(f"cannot write the run folder {out}: {error}. Choose another --out.") from error
     write_status(out, RUNNING)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``capvqa run``: it has a status file, or (folders from before
+    status files) a config.yaml with the ``stages`` and ``run`` sections a run saves."""
+    if (folder / STATUS_FILE).is_file():
+        return True
+    try:
+        import yaml
+
+        config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("stages"), dict) and isinstance(config.get("run"), dict)
 
 
 def write_status(out: Path, status: str, **details: Any) -> None:

@@ -21,21 +21,29 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 _RECORDED_NAMES = {"device": "device_request", "dtype": "dtype_request"}
 _SAVED_NAMES = {v: k for k, v in _RECORDED_NAMES.items()}
 _RESOLVED_ONLY = ("device", "dtype")
+_DEFAULTS = {"device": "auto", "dtype": "auto", "lemmatize": "none", "on_bad_image": "error"}
 
 
 @dataclass(frozen=True)
 class RunSettings:
+    """Every field defaults to None, "not given": :meth:`restored_from` fills such fields from a saved
+    run, and :meth:`with_defaults` gives the rest their defaults (device and dtype ``auto``, no
+    lemmatizer, stop at a bad image)."""
+
     dataset: str | None = None
     split: str | None = None
     data_root: str | None = None
     limit: int | None = None
     question_ids: tuple[int | str, ...] | None = None
     batch_size: int | None = None  # every stage's batch size (None: each stage's own)
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
     cache_dir: str | None = None
-    lemmatize: str = "none"
-    on_bad_image: str = "error"
+    lemmatize: str | None = None
+    on_bad_image: str | None = None
+
+    def with_defaults(self) -> RunSettings:
+        return replace(self, **{name: value for name, value in _DEFAULTS.items() if getattr(self, name) is None})
 
     def validate(self) -> RunSettings:
         """Raise :class:`ConfigError` for a missing dataset or any invalid option; returns self."""
@@ -44,33 +52,33 @@ class RunSettings:
         return self.check_options()
 
     def check_options(self) -> RunSettings:
-        """Raise :class:`ConfigError` for any invalid option; returns self. Loads nothing heavy (a
-        ``lemmatize=spacy`` check imports spaCy, as scoring would)."""
+        """Raise :class:`ConfigError` for any invalid option; returns self. Loads nothing (the lemmatizer
+        itself is built once, when the run starts)."""
         if self.limit is not None:
             _check_count("--limit", self.limit)
         if self.batch_size is not None:
             check_batch_size(self.batch_size)
         if self.question_ids is not None and not self.question_ids:
             raise ConfigError("--question-ids names no question; give comma-separated ids, e.g. 1,2,3")
-        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+        if self.on_bad_image is not None and self.on_bad_image not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"--on-bad-image must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}")
         from capvqa.engine.runtime import check_device_and_dtype
-        from capvqa.eval.lemmatize import make_lemmatizer
+        from capvqa.eval.lemmatize import LEMMATIZER_KINDS
 
         check_device_and_dtype(self.device, self.dtype)
-        make_lemmatizer(self.lemmatize)  # unknown names, or spacy without spaCy, fail now
+        if self.lemmatize is not None and self.lemmatize not in LEMMATIZER_KINDS:
+            raise ConfigError(f"unknown lemmatizer {self.lemmatize!r}; choose one of: {', '.join(LEMMATIZER_KINDS)}")
         return self
 
     def restored_from(self, saved: Mapping[str, Any] | None) -> RunSettings:
-        """These settings with every field left at its default taken from a saved run's ``run:``
-        section (what ``capvqa run runs/x/config.yaml`` restores). Explicitly set fields win."""
+        """These settings with every field not given (None) taken from a saved run's ``run:`` section
+        (what ``capvqa run runs/x`` restores). Given fields win, whatever their value."""
         if not saved:
             return self
         values = {_SAVED_NAMES.get(k, k): v for k, v in saved.items() if k not in _RESOLVED_ONLY}
-        defaults = RunSettings()
         restored = {}
         for f in fields(RunSettings):
-            if getattr(self, f.name) == getattr(defaults, f.name) and values.get(f.name) is not None:
+            if getattr(self, f.name) is None and values.get(f.name) is not None:
                 value = values[f.name]
                 restored[f.name] = tuple(value) if f.name == "question_ids" else value
         return replace(self, **restored)

@@ -222,6 +222,12 @@ class CacheStore:
         self._connection, self._pid = connection, os.getpid()
         return connection
 
+    def check_readable(self) -> None:
+        """Open the database now (creating it when missing): a file that is not a database, or whose
+        schema pages are damaged, raises :class:`CacheCorruptError` here, before a run starts, rather than
+        at its first lookup. Damage deeper in the file shows when the damaged entries are read."""
+        self._connect()
+
     def close(self) -> None:
         if self._connection is not None and self._pid == os.getpid():
             self._connection.close()
@@ -468,6 +474,36 @@ class CacheStore:
         """Copy every readable, verified entry into a fresh file, then swap it in (the damaged one is
         moved aside with its write-ahead log)."""
         fresh = self.path.with_name(f"{DB_FILENAME}.rebuild-{os.getpid()}")
+        try:
+            self._copy_intact_entries(source, fresh, report)
+        except (OSError, sqlite3.Error) as error:
+            _remove_with_companions(fresh)  # a half-built copy is of no use, and would be mistaken for one
+            raise UserError(
+                f"repairing the stage cache {self.path} failed while writing {fresh}: {error}. Nothing was "
+                "changed; make sure the directory is writable and has free space (about the size of the "
+                "cache), stop other runs using it, and retry."
+            ) from None
+        report.removed = report.damaged
+        report.sealed = report.unsealed
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{DB_FILENAME}{CORRUPT_SUFFIX}{stamp}")
+        attempt = 1
+        while aside.exists():  # two repairs within one second keep both damaged copies
+            attempt += 1
+            aside = self.path.with_name(f"{DB_FILENAME}{CORRUPT_SUFFIX}{stamp}-{attempt}")
+        try:
+            _move_with_companions(self.path, aside)
+            _move_with_companions(fresh, self.path)
+        except OSError as error:
+            raise UserError(
+                f"repairing the stage cache {self.path}: the rebuilt copy {fresh} could not be swapped in "
+                f"({error}); the damaged file is kept as {aside if aside.exists() else self.path}. Move "
+                f"{fresh} to {self.path} by hand, or run `capvqa cache clear`."
+            ) from None
+        report.moved_to = aside
+
+    def _copy_intact_entries(self, source: sqlite3.Connection | None, fresh: Path, report: CheckReport) -> None:
+        """Write every readable, verified entry of the damaged file into the new file ``fresh``."""
         _remove_with_companions(fresh)
         if source is None:
             source = _open_raw(self.path)
@@ -495,17 +531,6 @@ class CacheStore:
             if source is not None and source is not self._connection:
                 source.close()
             self.close()
-        report.removed = report.damaged
-        report.sealed = report.unsealed
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = self.path.with_name(f"{DB_FILENAME}{CORRUPT_SUFFIX}{stamp}")
-        attempt = 1
-        while aside.exists():  # two repairs within one second keep both damaged copies
-            attempt += 1
-            aside = self.path.with_name(f"{DB_FILENAME}{CORRUPT_SUFFIX}{stamp}-{attempt}")
-        _move_with_companions(self.path, aside)
-        _move_with_companions(fresh, self.path)
-        report.moved_to = aside
 
 
 def _initialise(connection: sqlite3.Connection) -> None:

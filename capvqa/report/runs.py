@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ def load_run(path: str | Path, label: str | None = None) -> RunFolder:
         # an unfinished run's files are partial: show why instead of numbers
         error = f": {status['error']}" if status.get("error") else ""
         problems.append(f"this run is {status.get('status')}{error} (status.json, {status.get('time', '?')}); "
-                        "no results are shown. Rerun it with: capvqa run " + str(path))
+                        "no results are shown. Rerun it into the same folder with: capvqa run " + shlex.quote(str(path))
+                        + " --out " + shlex.quote(str(path)))
         return RunFolder(path=path, label=label or path.resolve().name,
                          config=config if isinstance(config, dict) else {}, metrics=None, timings=None,
                          records=[], problems=problems, status=str(status.get("status")))

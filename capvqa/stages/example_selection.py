@@ -256,10 +256,11 @@ class ExampleSelection:
     def resolve_params(cls, params: Mapping[str, Any], dataset: DatasetContext) -> dict[str, Any]:
         """``params`` with the pool resolved against the run's dataset, to concrete values.
 
-        - ``pool_dataset: auto`` -> on a ``vqav2``/``okvqa`` run, that dataset's ``train2014`` split; on
-          any other dataset (``sample``, a folder, ``hf:...``), the run's dataset itself, its split (the
-          query is never its own example, see :meth:`excluded_rows`). Left ``auto`` when the run's dataset
-          is unknown (``dataset.spec`` None): building the stage then asks for an explicit pool.
+        - ``pool_dataset: auto`` -> on a ``vqav2``/``okvqa`` run, that dataset's ``train2014`` split; on the
+          bundled ``sample``, the sample itself (the query is never its own example, see
+          :meth:`excluded_rows`). Any other dataset (a folder, ``hf:...``) needs an explicit pool: taking
+          the evaluated split itself would put its own human answers into the prompts. Left ``auto`` when
+          the run's dataset is unknown (``dataset.spec`` None): building the stage then asks for a pool.
         - an explicit ``pool_dataset`` wins; ``pool_split`` unset becomes ``train2014`` for vqav2/okvqa.
         - a vqav2/okvqa pool without ``pool_data_root`` takes the run's data root.
 
@@ -272,6 +273,13 @@ class ExampleSelection:
             if dataset.spec is None:
                 return resolved
             pool = dataset.spec.strip()
+            if pool not in (*_TRAIN_SPLIT_DATASETS, "sample"):
+                raise ConfigError(
+                    f"examples.pool_dataset: auto takes PICa's examples from a training split, and capvqa knows "
+                    f"none for the dataset {pool!r}; using the evaluated split itself would put its own human "
+                    "answers into the prompts. Name the pool: --set examples.pool_dataset=okvqa (with "
+                    "--data-root), or e.g. examples.pool_dataset=hf:NAME with examples.pool_split=train"
+                )
             if params.get("pool_split") is None and pool not in _TRAIN_SPLIT_DATASETS:
                 resolved["pool_split"] = dataset.split
         pool = _absolute_spec(pool)

@@ -30,6 +30,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -54,7 +55,7 @@ from capvqa.synthetic import offline_tokenizers
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: the ITM head is centred (centre_itm_head), OPT has 2048 positions as the real ones
 ZOO_SEED = 1234
 MANIFEST_NAME = "manifest.json"
 ROLES: tuple[str, ...] = ("itm", "captioner", "reader", "qg", "causal_lm", "clip")
@@ -198,7 +199,7 @@ def tiny_opt_config(
     num_layers: int = 2,
     num_heads: int = 2,
     ffn_dim: int = 64,
-    max_position_embeddings: int = 512,
+    max_position_embeddings: int = 2048,  # as every OPT size: Img2LLM's prompts need the room
 ) -> OPTConfig:
     """A small OPT config with OPT's special ids (pad 1, bos = eos = ``</s>`` 2)."""
     return OPTConfig(
@@ -270,14 +271,38 @@ def _progress_bars_off():
             hf_logging.enable_progress_bar()
 
 
-def save_random_model(model_class: type[PreTrainedModel], config, folder: Path, seed: int) -> None:
-    """Initialise ``model_class(config)`` under ``seed`` and save it, leaving the global RNG untouched."""
+def save_random_model(model_class: type[PreTrainedModel], config, folder: Path, seed: int, prepare=None) -> None:
+    """Initialise ``model_class(config)`` under ``seed`` and save it, leaving the global RNG untouched.
+    ``prepare(model)``, when given, adjusts the random model before it is saved (still under the seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
-    model.eval()
+        model.eval()
+        if prepare is not None:
+            prepare(model)
     with _progress_bars_off():
         model.save_pretrained(folder)
+
+
+def centre_itm_head(model: Any, rows: int = 64, length: int = 12, patches: int = 5) -> None:
+    """Shift the random ITM head's "match" bias so that half of a fixed batch of random texts over random
+    image memories score above 0.5.
+
+    Img2LLM keeps a caption when the ITM gives it at least 0.5; a random head puts nearly every caption on
+    one side of that line (the tiny zoo's first build scored them all about 0.45), so a tiny pipeline
+    would keep no caption or all of them and the filter's code paths would go untested. Centring keeps
+    the model random (its scores mean nothing) but the filter's decisions mixed.
+    """
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(0, vocab - 2, (rows, length), generator=generator)
+    ids[:, 0] = vocab - 1  # [ENC], the ITM text's first token
+    memory = torch.randn(rows, patches, model.config.vision_config.hidden_size, generator=generator)
+    with torch.no_grad():
+        hidden = model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    encoder_hidden_states=memory)[0][:, 0]
+        logits = model.itm_head(hidden)
+        model.itm_head.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
 
 
 def blip_image_processor(image_size: int = IMAGE_SIZE):
@@ -323,7 +348,8 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
         ("itm", BlipForImageTextRetrieval),
         ("captioner", BlipForConditionalGeneration),
     ):
-        save_random_model(model_class, blip_config, paths[role], seeds[role])
+        save_random_model(model_class, blip_config, paths[role], seeds[role],
+                          prepare=centre_itm_head if role == "itm" else None)
         blip_processor.save_pretrained(paths[role])
         # The hub folders carry the WordPiece vocab too; transformers reads tokenizer.json first.
         offline_tokenizers.write_wordpiece_vocab(paths[role] / "vocab.txt", vocab_tokens)
@@ -336,7 +362,7 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
         save_random_model(T5ForConditionalGeneration, t5_config, paths[role], seeds[role])
         t5_tokenizer.save_pretrained(paths[role])
 
-    opt_tokenizer = offline_tokenizers.build_opt_tokenizer(vocab_size=OPT_VOCAB, model_max_length=512)
+    opt_tokenizer = offline_tokenizers.build_opt_tokenizer(vocab_size=OPT_VOCAB, model_max_length=2048)
     opt_config = tiny_opt_config(vocab_size=_round_up(len(opt_tokenizer) + 1, 16))  # like 50,265 -> 50,272
     save_random_model(OPTForCausalLM, opt_config, paths["causal_lm"], seeds["causal_lm"])
     opt_tokenizer.save_pretrained(paths["causal_lm"])
