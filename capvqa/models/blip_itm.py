@@ -2,7 +2,8 @@
 
 BLIP's ITM head reads text encoded with the ``[ENC]`` token in place of ``[CLS]`` (LAVIS does this;
 Hugging Face's ``BlipForImageTextRetrieval.forward`` does not, and leaving ``[CLS]`` shifts the match
-logits by up to 0.36), so every ITM caller tokenises through :func:`itm_text_inputs`.
+logits by up to 0.36), so every ITM caller tokenises through :meth:`BlipItm.text_inputs` -- or, for text
+that is already decoder output (Img2LLM's in-loop caption filter), :func:`itm_inputs_from_decoder_ids`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,41 @@ class BlipItm:
         input_ids = tokens["input_ids"].to(self.runtime.device)
         input_ids[:, 0] = self.enc_token_id
         return input_ids, tokens["attention_mask"].to(self.runtime.device)
+
+    def match_probabilities(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """P(match) per row (float32, on the model's device): softmax of the ITM head over the text
+        encoder's first position, the text cross-attending to ``memory`` (rows, keys, vision width)."""
+        with torch.inference_mode():
+            hidden = self.model.text_encoder(
+                input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask,
+            )[0]
+            logits = self.model.itm_head(hidden[:, 0, :]).float()
+            return torch.softmax(logits, dim=-1)[:, 1]
+
+
+def itm_inputs_from_decoder_ids(
+    output_ids: torch.Tensor, prompt_length: int, enc_token_id: int, pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM text input made from captioner decoder output, as LAVIS's Img2Prompt caption filter does
+    (``BlipITM.itm_rank``; docs/methods.md#captions-and-the-itm-filter).
+
+    ``output_ids`` (rows, L) start with the decoder prompt (``[DEC] a picture of``, ``prompt_length`` = 4
+    tokens). The text keeps positions ``prompt_length - 1`` onwards -- ``[DEC] a picture`` dropped -- with
+    the first kept id (the prompt's last word, "of") overwritten by ``[ENC]``; the mask is "id is not
+    padding", so the ``[SEP]`` that ended a caption is attended to and the padding after it is not.
+    LAVIS slices at the fixed position 3, which is ``prompt_length - 1`` for its prompt. Returns new
+    tensors (``output_ids`` is left unchanged).
+    """
+    if not 1 <= prompt_length <= output_ids.shape[1]:
+        raise ValueError(f"prompt_length {prompt_length} must be between 1 and the sequence length {output_ids.shape[1]}")
+    input_ids = output_ids[:, prompt_length - 1 :].clone()
+    attention_mask = (input_ids != pad_token_id).long()
+    input_ids[:, 0] = enc_token_id
+    return input_ids, attention_mask
 
 
 def load_blip_itm(

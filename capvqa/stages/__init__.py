@@ -13,6 +13,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "PatchCaptioning": "capvqa.stages.patch_captioning",
     "FiDReader": "capvqa.stages.fid_reader",
     "CaptionFilter": "capvqa.stages.caption_filter",
+    "FilteredPatchCaptioning": "capvqa.stages.filtered_patch_captioning",
     "AnswerExtraction": "capvqa.stages.answer_extraction",
     "QuestionGeneration": "capvqa.stages.question_generation",
     "Img2LLMPrompt": "capvqa.stages.img2llm_prompt",

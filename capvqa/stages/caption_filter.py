@@ -1,9 +1,12 @@
-"""Caption filtering by BLIP image-text matching (Img2LLM; docs/methods.md#captions-and-the-itm-filter).
+"""Whole-image caption filtering by BLIP image-text matching (docs/methods.md#captions-and-the-itm-filter).
 
-Question-guided captions sampled from a few patches are often wrong about the whole image. Img2LLM keeps
-a caption only when BLIP's ITM head, reading the whole image, gives it a match probability (softmax over
-the head's two logits) of at least ``threshold`` (0.5). Every (image, caption) pair of a batch is scored
-in a few text-encoder calls; each distinct image is encoded once.
+Question-guided captions sampled from a few patches are often wrong about the whole image. This stage
+keeps a caption only when BLIP's ITM head, reading the whole image through the ITM model's own ViT, gives
+it a match probability (softmax over the head's two logits) of at least ``threshold`` (0.5). Every
+(image, caption) pair of a batch is scored in a few text-encoder calls; each distinct image is encoded
+once. It runs after PNP-VQA's captioning, without refilling (``pipelines/img2llm-whole-image-filter.yaml``);
+Img2LLM's default, as its authors ran it, filters inside the caption loop instead
+(:mod:`capvqa.stages.filtered_patch_captioning`).
 """
 
 from __future__ import annotations
@@ -95,22 +98,17 @@ class CaptionFilter:
 
     def match_probabilities(self, images: list, pair_image: list[int], pair_text: list[str]) -> list[float]:
         """P(match) of each (image index, text) pair."""
-        model, device = self.itm.model, self.runtime.device
+        device = self.runtime.device
         image_embeds = self.itm.encode_images(images)
         out: list[float] = []
         step = self.config.max_pairs_per_forward
-        with torch.inference_mode():
-            for start in range(0, len(pair_text), step):
-                texts = pair_text[start : start + step]
-                rows = torch.as_tensor(pair_image[start : start + step], device=device)
-                memory = image_embeds[rows]
-                input_ids, mask = self.itm.text_inputs(texts, self.config.max_text_tokens)
-                hidden = model.text_encoder(
-                    input_ids=input_ids, attention_mask=mask, encoder_hidden_states=memory,
-                    encoder_attention_mask=torch.ones(memory.shape[:2], dtype=torch.long, device=device),
-                )[0]
-                logits = model.itm_head(hidden[:, 0, :]).float()
-                out.extend(torch.softmax(logits, dim=-1)[:, 1].cpu().tolist())
+        for start in range(0, len(pair_text), step):
+            texts = pair_text[start : start + step]
+            rows = torch.as_tensor(pair_image[start : start + step], device=device)
+            memory = image_embeds[rows]
+            input_ids, mask = self.itm.text_inputs(texts, self.config.max_text_tokens)
+            memory_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=device)
+            out.extend(self.itm.match_probabilities(input_ids, mask, memory, memory_mask).cpu().tolist())
         return out
 
     def cleanup(self) -> None:

@@ -8,13 +8,17 @@ draw (:mod:`capvqa.ops.seeded_sampling`), so an item's captions do not depend on
 Distinct-caption filling follows LAVIS -- each round draws ``num_captions`` candidates per unfinished
 item and keeps those that are not a substring of a caption already kept -- with a cap on the number of
 rounds (LAVIS loops forever on degenerate models); how many rounds and draws ran is recorded.
+
+The module-level functions (relevance check, drawing a round's rows, chunked decoding, the distinctness
+rule) are shared with Img2LLM's in-loop filtered captioning
+(:mod:`capvqa.stages.filtered_patch_captioning`), so both sample patches and captions identically.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,11 +27,84 @@ import torch
 from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
-from capvqa.models.blip_captioner import BlipCaptioner, load_blip_captioner
+from capvqa.models.blip_captioner import BlipCaptioner, PatchDecoding, SampledDecoding, load_blip_captioner
 from capvqa.ops.patch_sampling import item_rng, sample_patch_sets
-from capvqa.ops.seeded_sampling import SeededSamplingProcessor, row_seed
+from capvqa.ops.seeded_sampling import row_seed
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchRows:
+    """Caption draws to decode, one row each: the item (index in the batch), its sampled patches, and the
+    64-bit seed of its token stream."""
+
+    item: list[int] = field(default_factory=list)
+    patches: list[np.ndarray] = field(default_factory=list)
+    seed: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+
+def batch_relevance(batch: Sequence[StageInput], captioner: BlipCaptioner) -> list[np.ndarray]:
+    """Each input's patch relevance, checked against the captioner's patch grid."""
+    relevance = [np.asarray(entry.upstream["relevance"].relevance) for entry in batch]
+    for entry, weights in zip(batch, relevance):
+        if weights.shape[0] != captioner.num_image_patches:
+            raise ValueError(
+                f"question {entry.item.question_id}: relevance has {weights.shape[0]} patches but the "
+                f"captioner's ViT has {captioner.num_image_patches}; matching and captioning models must "
+                "share the image size and patch size"
+            )
+    return relevance
+
+
+def patch_rngs(batch: Sequence[StageInput], seed: int) -> list[np.random.Generator]:
+    """One patch-sampling generator per input, a function of (seed, item) only."""
+    return [item_rng(seed, entry.item_key, "patches") for entry in batch]
+
+
+def draw_patch_rows(
+    batch: Sequence[StageInput],
+    relevance: Sequence[np.ndarray],
+    rngs: Sequence[np.random.Generator],
+    draws: dict[int, tuple[int, int]],
+    num_patches: int,
+    seed: int,
+) -> PatchRows:
+    """Rows for ``draws = {item index: (first draw number, number of draws)}``: each item's patch sets come
+    from its own generator (consumed in draw order) and draw ``n`` of an item gets the token stream
+    ``row_seed(seed, item key, n)``, so an item's captions do not depend on the other items."""
+    rows = PatchRows()
+    for i, (first, count) in draws.items():
+        patch_sets = sample_patch_sets(relevance[i], num_patches, count, rngs[i])
+        for d in range(count):
+            rows.item.append(i)
+            rows.patches.append(patch_sets[d])
+            rows.seed.append(row_seed(seed, batch[i].item_key, first + d))
+    return rows
+
+
+def decode_patch_rows(
+    captioner: BlipCaptioner,
+    image_embeds: torch.Tensor,
+    image_index: Sequence[int],
+    rows: PatchRows,
+    decoding: SampledDecoding,
+    max_rows_per_generate: int,
+) -> Iterator[tuple[int, PatchDecoding]]:
+    """Decode ``rows`` in chunks of at most ``max_rows_per_generate``; yields (first row, chunk)."""
+    for start in range(0, len(rows), max_rows_per_generate):
+        stop = start + max_rows_per_generate
+        row_images = [image_index[i] for i in rows.item[start:stop]]
+        yield start, captioner.sample_from_patches(image_embeds, row_images, rows.patches[start:stop],
+                                                   rows.seed[start:stop], decoding)
+
+
+def is_new_caption(caption: str, kept: Sequence[str]) -> bool:
+    """LAVIS's distinctness rule: a non-empty caption that is not a substring of a caption kept so far."""
+    return bool(caption) and not any(caption in previous for previous in kept)
 
 
 @dataclass(frozen=True)
@@ -53,6 +130,11 @@ class PatchCaptioningConfig:
             raise ValueError("captioning: num_captions, num_patches and max_rounds must be >= 1")
         if not 0 <= self.min_length <= self.max_length:
             raise ValueError(f"captioning: need min_length <= max_length, got {self.min_length} > {self.max_length}")
+
+    @property
+    def decoding(self) -> SampledDecoding:
+        return SampledDecoding(top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                               min_length=self.min_length, max_length=self.max_length)
 
 
 @dataclass(frozen=True)
@@ -90,101 +172,35 @@ class PatchCaptioning:
     def run(self, batch: Sequence[StageInput]) -> list[Captions]:
         cfg = self.config
         images, image_index = distinct_images(batch)
-        relevance = [np.asarray(entry.upstream["relevance"].relevance) for entry in batch]
-        for entry, weights in zip(batch, relevance):
-            if weights.shape[0] != self._captioner.num_image_patches:
-                raise ValueError(
-                    f"question {entry.item.question_id}: relevance has {weights.shape[0]} patches but the "
-                    f"captioner's ViT has {self._captioner.num_image_patches}; matching and captioning models must "
-                    "share the image size and patch size"
-                )
+        relevance = batch_relevance(batch, self._captioner)
         image_embeds = self._captioner.encode_images(images)
 
-        rngs = [item_rng(cfg.seed, entry.item_key, "patches") for entry in batch]
+        rngs = patch_rngs(batch, cfg.seed)
         kept: list[list[str]] = [[] for _ in batch]
         draws = [0] * len(batch)
         rounds = [0] * len(batch)
         patches_used = [0] * len(batch)
-        for round_index in range(cfg.max_rounds):
+        for _ in range(cfg.max_rounds):
             active = [i for i in range(len(batch)) if len(kept[i]) < cfg.num_captions]
             if not active:
                 break
-            rows_item, rows_patches, rows_seed = [], [], []
+            rows = draw_patch_rows(batch, relevance, rngs, {i: (draws[i], cfg.num_captions) for i in active},
+                                   cfg.num_patches, cfg.seed)
+            for i, patches in zip(rows.item, rows.patches):
+                patches_used[i] = len(patches)
             for i in active:
-                patch_sets = sample_patch_sets(relevance[i], cfg.num_patches, cfg.num_captions, rngs[i])
-                patches_used[i] = patch_sets.shape[1]
-                for d in range(cfg.num_captions):
-                    rows_item.append(i)
-                    rows_patches.append(patch_sets[d])
-                    rows_seed.append(row_seed(cfg.seed, batch[i].item_key, round_index * cfg.num_captions + d))
                 rounds[i] += 1
                 draws[i] += cfg.num_captions
-            texts = self._decode_rows(image_embeds, image_index, rows_item, rows_patches, rows_seed)
-            for i, caption in zip(rows_item, texts):
-                if len(kept[i]) >= cfg.num_captions or not caption:
-                    continue
-                if not any(caption in previous for previous in kept[i]):
+            texts = [text for _, chunk in decode_patch_rows(self._captioner, image_embeds, image_index, rows,
+                                                             cfg.decoding, cfg.max_rows_per_generate)
+                     for text in chunk.texts]
+            for i, caption in zip(rows.item, texts):
+                if len(kept[i]) < cfg.num_captions and is_new_caption(caption, kept[i]):
                     kept[i].append(caption)
         return [
             Captions(captions=kept[i], rounds=rounds[i], draws=draws[i], patches_per_caption=patches_used[i])
             for i in range(len(batch))
         ]
-
-    def _decode_rows(
-        self,
-        image_embeds: torch.Tensor,
-        image_index: list[int],
-        rows_item: list[int],
-        rows_patches: list[np.ndarray],
-        rows_seed: list[int],
-    ) -> list[str]:
-        """Caption every row (one patch subset each) in chunks of ``max_rows_per_generate``."""
-        texts: list[str] = []
-        step = self.config.max_rows_per_generate
-        for start in range(0, len(rows_item), step):
-            stop = start + step
-            texts.extend(
-                self._generate(image_embeds, image_index, rows_item[start:stop], rows_patches[start:stop],
-                               rows_seed[start:stop])
-            )
-        return texts
-
-    def _generate(self, image_embeds, image_index, rows_item, rows_patches, rows_seed) -> list[str]:
-        cfg, device = self.config, self.runtime.device
-        num_rows = len(rows_item)
-        width = max(len(p) for p in rows_patches)
-        # gather each row's patch embeddings (+1 skips the image CLS token); pad ragged rows and mask them
-        gather_index = torch.zeros((num_rows, width), dtype=torch.long)
-        memory_mask = torch.zeros((num_rows, width), dtype=torch.long)
-        for r, patches in enumerate(rows_patches):
-            gather_index[r, : len(patches)] = torch.from_numpy(patches + 1)
-            memory_mask[r, : len(patches)] = 1
-        row_images = torch.as_tensor([image_index[i] for i in rows_item], device=device)
-        memory = image_embeds[row_images[:, None], gather_index.to(device)]
-        captioner = self._captioner
-        prompt_length = len(captioner.prompt_ids)
-        input_ids = captioner.prompt_batch(num_rows)
-        min_new = max(cfg.min_length - prompt_length, 0)
-        sampler = SeededSamplingProcessor(np.asarray(rows_seed, dtype=np.uint64), prompt_length, cfg.top_k,
-                                          cfg.top_p, eos_token_id=captioner.eos_id, min_new_tokens=min_new)
-        from transformers import LogitsProcessorList
-
-        with torch.inference_mode():
-            output = captioner.model.text_decoder.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                encoder_hidden_states=memory,
-                encoder_attention_mask=memory_mask.to(device),
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=max(cfg.max_length - prompt_length, 0),
-                min_new_tokens=0,  # the sampler bans EOS until min_length (see SeededSamplingProcessor)
-                repetition_penalty=cfg.repetition_penalty,
-                eos_token_id=captioner.eos_id,
-                pad_token_id=captioner.pad_id,
-                logits_processor=LogitsProcessorList([sampler]),
-            )
-        return captioner.texts(output)
 
     def cleanup(self) -> None:
         self._captioner = None
