@@ -1,4 +1,8 @@
-"""The Img2LLM prompt: exact text of both variants, caption choice, exemplars and context fitting."""
+"""The Img2LLM prompt: exact text of every variant (the authors' against goldens made by their own code),
+caption choice, exemplars, segments and context fitting."""
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +12,7 @@ from capvqa.errors import ConfigError
 from capvqa.stages.answer_extraction import CandidateAnswers
 from capvqa.stages.caption_filter import FilteredCaptions
 from capvqa.stages.img2llm_prompt import (
+    INSTRUCTION,
     Img2LLMPrompt,
     PromptParts,
     build_prompt_parts,
@@ -45,6 +50,7 @@ LAVIS = (
 
 
 def parts(**options):
+    options.setdefault("variant", "paper")
     return build_prompt_parts(QUESTION, CAPTIONS, ANSWERS, ANSWER_CAPTIONS, QA_QUESTIONS, QA_ANSWERS,
                               **options)
 
@@ -83,19 +89,19 @@ def test_context_captions_rarest_answer_first_with_reference_fallback_and_wrapar
 
 
 def test_no_captions_still_gives_a_prompt():
-    text = build_prompt_parts("Is it?", [], ["yes"], {"yes": []}, ["is it real?"], ["yes"]).render()
+    text = build_prompt_parts("Is it?", [], ["yes"], {"yes": []}, ["is it real?"], ["yes"], variant="paper").render()
     assert text.endswith("Contexts: \nQuestion: Is it real?\nAnswer: yes\n"
                          "Question: Is this a toilet?\nAnswer: no\nQuestion: is it?\nAnswer:")
 
 
-def words(text):
-    return len(text.split())
+def words(segments):
+    return sum(len(segment.split()) for segment in segments)
 
 
 def test_fit_drops_exemplars_last_first_then_captions_and_keeps_the_question():
     p = PromptParts(head="H ", captions=("c1 c1", "c2 c2", "c3 c3"), caption_separator=" ",
                     exemplars=("e1 e1 e1\n", "e2 e2 e2\n", "e3 e3 e3\n"), query="Q q q A")
-    full = words(p.render())
+    full = words([p.render()])
     assert fit_prompt(p, words, full).text == p.render()
 
     two_exemplars = fit_prompt(p, words, full - 3)
@@ -103,10 +109,10 @@ def test_fit_drops_exemplars_last_first_then_captions_and_keeps_the_question():
     assert (two_exemplars.dropped_exemplars, two_exemplars.dropped_captions) == (1, 0)
     assert two_exemplars.num_exemplars == 2 and two_exemplars.num_captions == 3
 
-    one_caption = fit_prompt(p, words, words(p.render(1, 0)))
+    one_caption = fit_prompt(p, words, words([p.render(1, 0)]))
     assert one_caption.text == "H c1 c1\nQ q q A"
     assert (one_caption.dropped_exemplars, one_caption.dropped_captions) == (3, 2)
-    assert one_caption.num_tokens == words(one_caption.text)
+    assert one_caption.num_tokens == words([one_caption.text])
 
     hopeless = fit_prompt(p, words, 2)
     assert hopeless.text == "H \nQ q q A" and hopeless.text.endswith(p.query)
@@ -177,16 +183,17 @@ def entry(question=QUESTION):
 
 
 def test_stage_fits_the_llm_context(tiny_zoo, cpu_runtime):
-    stage = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]))
+    stage = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]), variant="paper")
     stage.setup(cpu_runtime)
-    assert stage.max_prompt_tokens == 512 - 10  # the tiny OPT: 512 positions
+    assert stage.max_prompt_tokens == 2048 - 10  # the tiny OPT: 2048 positions, as OPT's
     result = stage.run([entry()])[0]
     assert result.prompts == [PAPER_VQAV2]
     assert (result.num_context_captions, result.num_exemplars) == (2, 5)
     assert (result.dropped_captions, result.dropped_exemplars) == (0, 0)
     assert result.num_tokens == len(stage.tokenizer(PAPER_VQAV2)["input_ids"])
 
-    small = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]), context_length=result.num_tokens + 10 - 1)
+    assert result.segments is None  # tokenised whole
+    small = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]), variant="paper", context_length=result.num_tokens + 10 - 1)
     small.setup(cpu_runtime)
     cut = small.run([entry()])[0]
     assert cut.dropped_exemplars >= 1 and cut.dropped_captions == 0
@@ -194,7 +201,7 @@ def test_stage_fits_the_llm_context(tiny_zoo, cpu_runtime):
     assert cut.prompts[0].endswith("Question: what is the dog doing?\nAnswer:")
     assert "Question: What is the man riding?\nAnswer: horse\n" in cut.prompts[0]
 
-    tiny = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]), context_length=15, reserve_tokens=10)
+    tiny = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]), variant="paper", context_length=15, reserve_tokens=10)
     tiny.setup(cpu_runtime)
     squeezed = tiny.run([entry()])[0]
     assert (squeezed.num_context_captions, squeezed.num_exemplars) == (0, 0)
@@ -207,7 +214,7 @@ def test_stage_fits_the_llm_context(tiny_zoo, cpu_runtime):
 
 
 def long_entry(pairs: int = 60) -> StageInput:
-    """An item whose full prompt is far longer than the tiny OPT's 512 positions (many short exemplars)."""
+    """An item whose full prompt is far longer than 512 positions (many short exemplars)."""
     answers = [f"a{i}" for i in range(pairs)] + ["yes"]
     item = VQAItem(question_id=7, image_id=7, question=QUESTION, image=ImageRef(data=b"x"))
     return StageInput(item=item, item_key="long", image_hash="h", upstream={
@@ -221,12 +228,11 @@ def long_entry(pairs: int = 60) -> StageInput:
 def test_llm_max_new_tokens_override_fits_the_prompt_instead_of_truncating_it(tiny_zoo, cpu_runtime):
     """--set llm.max_new_tokens=30 reaches the prompt stage: it drops exemplars until the prompt fits the
     room the LLM leaves, so the LLM keeps every token and the instruction is intact (before, the prompt was
-    fitted to 512 - 10 and the LLM then cut 20 more tokens from the left: the instruction first)."""
+    fitted to the context minus 10 and the LLM then cut 20 more tokens from the left: the instruction first)."""
     from capvqa.engine.config import build_stage_config, load_spec
-    from capvqa.stages.img2llm_prompt import INSTRUCTION
     from capvqa.stages.llm_answer import LLMAnswerer
 
-    spec = load_spec("img2llm", ["llm.max_new_tokens=30"], models_preset="tiny")
+    spec = load_spec("img2llm", ["llm.max_new_tokens=30", "llm.context_length=512"], models_preset="tiny")
     prompt_stage = Img2LLMPrompt(build_stage_config(spec, spec.stage("prompt")))
     llm_stage = LLMAnswerer(build_stage_config(spec, spec.stage("llm")))
     assert prompt_stage.config.reserve_tokens == 30 and prompt_stage.config.llm == str(tiny_zoo["causal_lm"])
@@ -237,11 +243,165 @@ def test_llm_max_new_tokens_override_fits_the_prompt_instead_of_truncating_it(ti
         prompt = prompt_stage.run([entry_])[0]
         answer = llm_stage.run([StageInput(item=entry_.item, item_key="long", image_hash="h",
                                            upstream={"prompt": prompt})])[0]
-        ids, dropped = llm_stage.backend.encode(prompt.prompts, 30)[0]
+        ids, dropped = llm_stage.backend.encode(prompt.prompts, 30, prompt.segments)[0]
         seen = llm_stage.backend.tokenizer.decode(ids, skip_special_tokens=True)
     finally:
         llm_stage.cleanup()
     assert prompt.dropped_exemplars > 0 and prompt.dropped_captions == 0  # fitted as designed
-    assert prompt.num_tokens <= 512 - 30
+    assert prompt.num_tokens <= 512 - 30 and len(ids) == prompt.num_tokens  # counted as the LLM encodes it
     assert answer.prompt_tokens_dropped == 0 and dropped == 0
     assert seen == prompt.prompts[0] and seen.startswith(INSTRUCTION)
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors variant: byte for byte against prompts made by the authors' own code
+
+GOLDENS = json.loads((Path(__file__).parent / "goldens" / "img2llm_prompt_goldens.json").read_text())
+GOLDEN_ITEMS = [(case, index) for case in GOLDENS["cases"] for index in range(len(case["items"]))]
+
+
+def authors_parts(item, next_item, task="vqav2", **options):
+    return build_prompt_parts(item["question"], item["captions"], item["answers"], item["answer_captions"],
+                              item["questions"], item["answers"], variant="authors", dataset=task,
+                              next_qa_questions=None if next_item is None else next_item["questions"], **options)
+
+
+@pytest.mark.parametrize(("case", "index"), GOLDEN_ITEMS,
+                         ids=[f"{c['name']}-{c['items'][i]['question_id']}" for c, i in GOLDEN_ITEMS])
+def test_authors_prompt_matches_the_authors_code(case, index):
+    """tests/goldens/make_img2llm_prompt_goldens.py ran the authors' create_context_prompt /
+    create_task_prompt (and evaluation()'s own assembly) on these items; the neighbour is the next item of
+    the case, wrapping (a one-item case is its own)."""
+    items = case["items"]
+    item, following = items[index], items[(index + 1) % len(items)]
+    assert GOLDENS["config"]["num_caps_per_img"] == 30 and GOLDENS["config"]["num_question_per_img"] == 30
+    parts_ = authors_parts(item, following, case["task"])
+    assert parts_.segments() == case["segments"][str(item["question_id"])]
+
+
+def test_goldens_cover_the_edge_cases():
+    """The golden inputs exercise what the issue lists: fewer than 30 answers (pairs and captions cycle), a
+    "yes" that is not the last answer, long answers skipped, capitalisation quirks, wrap-around, OK-VQA."""
+    cases = {case["name"]: case for case in GOLDENS["cases"]}
+    vqa = cases["vqav2"]
+    prompts = {qid: "".join(segments) for qid, segments in vqa["segments"].items()}
+    assert any(len(item["answers"]) < 30 for item in vqa["items"])
+    assert any(item["answers"][-1] != "yes" for item in vqa["items"])
+    assert any(len(answer.split()) >= 5 for item in vqa["items"] for answer in item["answers"])
+    first = vqa["items"][0]
+    assert "Question:Is there a dog playing with a frisbee?\nAnswer:no\n" in prompts[str(vqa["items"][-1]["question_id"])]
+    assert "Question:Is there a dog playing with a frisbee?\nAnswer:yes\n" in prompts[str(first["question_id"])]
+    assert ".a man throwing a frisbee." in prompts[str(first["question_id"])]  # leading space: no capital
+    assert "Answer:a very small brown dog" not in prompts[str(first["question_id"])]
+    assert all("toilet" not in "".join(s) for s in cases["okvqa"]["segments"].values())
+    (only,) = cases["vqav2-one-item"]["items"]
+    own_yes = only["questions"][-1].capitalize()
+    assert "".join(cases["vqav2-one-item"]["segments"][str(only["question_id"])]).count(f"Question:{own_yes}\n") >= 2
+
+
+def test_authors_prompt_layout():
+    item = {"question": " What Is It? ", "captions": ["a Dog", " a cat", "a bird."],
+            "answers": ["dog", "cat", "yes"], "answer_captions": {"dog": [0], "cat": [1], "yes": []},
+            "questions": ["what is the dog?", "what is the cat?", "is there a dog?"]}
+    following = dict(item, questions=["is it red?"])
+    lead, rest = authors_parts(item, following, num_exemplar_slots=4).segments()
+    assert lead == INSTRUCTION
+    assert rest == (
+        "Contexts:A dog.a cat.\n"  # visits: yes -> caption 0, cat -> 1, dog -> 0 (taken)
+        "Question:Is it red?\nAnswer:no\n"
+        "Question:Is there a dog?\nAnswer:yes\n"
+        "Question:Is this a toilet?\nAnswer:no\n"
+        "Question:What is the dog?\nAnswer:dog\n"
+        "Question:What is the cat?\nAnswer:cat\n"
+        "Question:Is there a dog?\nAnswer:yes\n"
+        "Question:What is the dog?\nAnswer:dog\n"  # slot 3 wraps to pair 0
+        "Question:what is it?\nAnswer:"
+    )
+    # no neighbour given (an input made by hand): the item is its own neighbour
+    assert "Question:Is there a dog?\nAnswer:no\n" in authors_parts(item, None).render()
+    # OK-VQA: no yes/no block; no slots: none either (the script writes it inside the slot loop)
+    assert "Answer:no" not in authors_parts(item, following, "okvqa").render()
+    no_slots = authors_parts(item, following, num_exemplar_slots=0)
+    assert no_slots.exemplars == () and no_slots.fixed_exemplars == ()
+
+
+def test_authors_prompt_without_generated_questions_leaves_their_blocks_out():
+    """The script would crash (an empty list, indexed or taken modulo); capvqa still writes a prompt."""
+    item = {"question": "what?", "captions": ["a dog"], "answers": [], "answer_captions": {}, "questions": []}
+    other = dict(item, questions=["is it a dog?"], answers=["yes"], answer_captions={"yes": []})
+    alone = authors_parts(item, other)
+    assert alone.fixed_exemplars == ("Question:Is it a dog?\nAnswer:no\n", "Question:Is this a toilet?\nAnswer:no\n")
+    assert alone.exemplars == () and alone.captions == ()  # no pairs, and no answers: no caption visits
+    before_it = authors_parts(other, item)
+    assert before_it.fixed_exemplars == ("Question:Is it a dog?\nAnswer:yes\n", "Question:Is this a toilet?\nAnswer:no\n")
+    assert before_it.exemplars == ("Question:Is it a dog?\nAnswer:yes\n",) * 30
+
+
+def test_fitting_an_authors_prompt_drops_pairs_then_captions_then_the_yes_no_block():
+    """The yes/no block is written once, outside the pair slots: it goes only after every caption."""
+    parts_ = authors_parts(
+        {"question": "q?", "captions": ["a dog", "a big dog", "a small dog"], "answers": ["dog", "big", "yes"],
+         "answer_captions": {"dog": [0, 1, 2], "big": [1], "yes": []},
+         "questions": ["what is it?", "how big is it?", "is it a dog?"]}, None)
+    assert (len(parts_.fixed_exemplars), len(parts_.exemplars), len(parts_.captions)) == (3, 30, 3)
+    some_pairs = fit_prompt(parts_, words, words(parts_.segments(None, 4)))
+    assert (some_pairs.num_exemplars, some_pairs.dropped_exemplars) == (3 + 4, 26)
+    assert some_pairs.segments == tuple(parts_.segments(None, 4))
+    one_caption = fit_prompt(parts_, words, words(parts_.segments(1, 0)))
+    assert one_caption.segments == tuple(parts_.segments(1, 0))
+    assert (one_caption.num_captions, one_caption.num_exemplars, one_caption.dropped_captions) == (1, 3, 2)
+    assert one_caption.text.count("Answer:no\n") == 2 and "Answer:yes\n" in one_caption.text
+    block_left = fit_prompt(parts_, words, words(parts_.segments(0, 0, 2)))
+    assert block_left.text == parts_.render(0, 0, 2) and block_left.num_exemplars == 2
+    assert "toilet" not in block_left.text and block_left.dropped_exemplars == 31
+
+
+def test_only_the_authors_vqav2_prompt_reads_the_next_item():
+    assert Img2LLMPrompt().NEIGHBOUR_INPUTS == ("qa",)
+    assert Img2LLMPrompt(task="okvqa").NEIGHBOUR_INPUTS == ()
+    assert Img2LLMPrompt(variant="paper").NEIGHBOUR_INPUTS == ()
+    assert Img2LLMPrompt(variant="lavis").NEIGHBOUR_INPUTS == ()
+    assert Img2LLMPrompt(num_exemplar_slots=0).NEIGHBOUR_INPUTS == ()
+    assert Img2LLMPrompt.NEIGHBOUR_INPUTS == ("qa",)  # the class still declares it
+
+
+def test_authors_stage_tokenises_the_instruction_apart(tiny_zoo, cpu_runtime):
+    """Two segments, their token counts as the LLM backends encode them: OPT's BOS twice."""
+    from capvqa.llm import encode_segments
+    from capvqa.stages.question_generation import SyntheticQA as QA
+
+    stage = Img2LLMPrompt(llm=str(tiny_zoo["causal_lm"]))
+    stage.setup(cpu_runtime)
+    following = QA(questions=["is it night?"], answers=["yes"])
+    hand_made = entry()
+    with_neighbour = StageInput(item=hand_made.item, item_key="k", image_hash="h", upstream=hand_made.upstream,
+                                neighbours={"qa": following})
+    result = stage.run([with_neighbour])[0]
+    (segments,) = result.segments
+    assert segments[0] == INSTRUCTION and "".join(segments) == result.prompts[0]
+    assert segments[1].startswith("Contexts:A man riding a horse.") and "Question:Is it night?\nAnswer:no\n" in segments[1]
+    ids, _, _ = encode_segments(stage.tokenizer, segments)
+    bos = stage.tokenizer.bos_token_id
+    assert result.num_tokens == len(ids) == len(stage.tokenizer(result.prompts[0])["input_ids"]) + 1
+    assert ids.count(bos) == 2 and ids[0] == bos
+    own = stage.run([hand_made])[0]  # no neighbour delivered: its own yes-question answers "no"
+    assert "Question:Is there a horse?\nAnswer:no\nQuestion:Is there a horse?\nAnswer:yes\n" in own.prompts[0]
+
+
+
+def test_the_prompt_must_read_the_answers_its_questions_were_generated_for(tmp_path):
+    """The synthetic answers are looked up in the answers' caption map: both must be one stage's answers."""
+    import yaml
+
+    from capvqa.engine.config import load_spec
+
+    data = load_spec("img2llm").to_dict()
+    stages = data["stages"]
+    stages = {**{k: v for k, v in stages.items() if k != "prompt"},
+              "other_answers": {**stages["answer_extraction"], "num_answers": 5}, "prompt": stages["prompt"]}
+    stages["prompt"]["inputs"]["answers"] = "other_answers"
+    data["stages"] = stages
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"stage 'prompt'.*generated for the answers of stage 'answer_extraction'"):
+        load_spec(path)

@@ -74,11 +74,15 @@ class _Answers:
     scored_items: list[VQAItem] = field(default_factory=list)
     question_ids: list[Any] = field(default_factory=list)
     num_items: int = 0
+    postprocess: dict[str, int] = field(default_factory=dict)  # answer post-processor name -> answers
 
 
 class Pipeline:
-    def __init__(self, spec: PipelineSpec) -> None:
+    def __init__(self, spec: PipelineSpec, *, own_batch_size_stages: Iterable[str] = ()) -> None:
+        """``own_batch_size_stages``: stages whose batch size an override set, which a run-wide batch
+        size leaves alone."""
         self.spec = spec
+        self.own_batch_size_stages = frozenset(own_batch_size_stages)
 
     @classmethod
     def from_yaml(
@@ -90,14 +94,10 @@ class Pipeline:
         stage's own."""
         overrides = tuple(overrides)
         spec = load_spec(name_or_path, overrides, models_preset=models)
+        explicit = {parse_override(o)[0][0] for o in overrides if parse_override(o)[0][1:] == ["batch_size"]}
         if batch_size is not None:
-            check_batch_size(batch_size)
-            explicit = {parse_override(o)[0][0] for o in overrides if parse_override(o)[0][1:] == ["batch_size"]}
-            stages = tuple(s if s.name in explicit else replace(s, params={**s.params, "batch_size": batch_size})
-                           for s in spec.stages)
-            spec = replace(spec, stages=stages)
-            check_stages_together(spec)
-        return cls(spec)
+            spec = _with_batch_size(spec, batch_size, explicit)
+        return cls(spec, own_batch_size_stages=explicit)
 
     # -- the config for one dataset ------------------------------------------------------------------
 
@@ -129,7 +129,8 @@ class Pipeline:
         for stage_spec in spec.stages:
             stage_class = resolve_stage_type(stage_spec.type)
             stage = stage_class(build_stage_config(spec, stage_spec))
-            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype, cache_dir))
+            bound.append(BoundStage.create(stage_spec.name, stage, stage_spec.inputs, dtype, cache_dir,
+                                           device=runtime.device.type if runtime is not None else None))
         return bound
 
     # -- running -------------------------------------------------------------------------------------
@@ -153,12 +154,14 @@ class Pipeline:
         OK-VQA prediction lemmatizer used for scoring (:mod:`capvqa.eval.lemmatize`).
         """
         data_root = getattr(items, "data_root", None)
-        settings = RunSettings(
+        settings = RunSettings(  # what reopens exactly these items (a capvqa Dataset knows its selection)
             dataset=getattr(items, "spec", None), split=getattr(items, "split", None),
             data_root=str(data_root) if data_root is not None else None,
+            limit=getattr(items, "limit", None), question_ids=getattr(items, "question_ids", None),
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             lemmatize=lemmatize, on_bad_image=on_bad_image,
-        )
+        ).with_defaults()
+        settings.check_options()
         return self._execute(items, settings, runtime, out_dir, progress)
 
     def run_with(
@@ -170,28 +173,38 @@ class Pipeline:
         progress: ProgressFactory | None = None,
         keep_freed_host_memory: bool = False,
     ) -> RunResult:
-        """Run on the dataset ``settings`` names. Settings left at their defaults are restored from the
-        loaded config's saved ``run:`` section (a run folder's config.yaml), then every option is checked
-        before the dataset is opened or any model loads. ``keep_freed_host_memory`` tunes this process's
-        allocator for CPU runs (:mod:`capvqa.engine.host_memory`; the CLI turns it on)."""
-        settings = settings.restored_from(self.spec.run).validate()
+        """Run on the dataset ``settings`` names. Settings not given (None) are restored from the loaded
+        config's saved ``run:`` section (a run folder's config.yaml), then every option is checked before
+        the dataset is opened or any model loads; a given ``batch_size`` sets every stage's.
+        ``keep_freed_host_memory`` tunes this process's allocator for CPU runs
+        (:mod:`capvqa.engine.host_memory`; the CLI turns it on)."""
+        given_batch_size = settings.batch_size  # a restored one is already in the saved stages' settings
+        settings = settings.restored_from(self.spec.run).with_defaults().validate()
+        pipeline = self
+        if given_batch_size is not None:  # every stage's, as --batch-size and from_yaml(batch_size=) do
+            pipeline = Pipeline(_with_batch_size(self.spec, given_batch_size, self.own_batch_size_stages),
+                                own_batch_size_stages=self.own_batch_size_stages)
         if runtime is None:
             distributed = DistributedContext.from_env()
             runtime = make_runtime(distributed.device_request(settings.device), settings.dtype,
                                    keep_freed_host_memory=keep_freed_host_memory)
-        return self._execute(settings.open_dataset(), settings, runtime, out_dir, progress)
+        return pipeline._execute(settings.open_dataset(), settings, runtime, out_dir, progress)
 
     def _execute(
         self, items: Iterable[VQAItem], settings: RunSettings, runtime: Runtime | None,
         out_dir: str | Path | None, progress: ProgressFactory | None,
     ) -> RunResult:
+        """The run itself; ``settings`` were checked (:meth:`RunSettings.check_options`) by the caller."""
+        from capvqa.eval.lemmatize import make_lemmatizer
+
         started = time.perf_counter()
-        lemmatizer = _checked_options(settings)
+        lemmatizer = make_lemmatizer(settings.lemmatize)  # before any model: spaCy missing fails now
         if iter(items) is items:  # a generator would be used up by the first stage
             items = list(items)
         runtime = runtime or make_runtime(settings.device, settings.dtype)
         spec = self.resolved_spec(items)
         with _process_group() as distributed, _open_store(settings.cache_dir) as store:
+            store.check_readable()  # a damaged cache stops here, before the run folder is touched
             if runtime.cache_dir is None:
                 runtime = replace(runtime, cache_dir=store.directory)
             runner = PipelineRunner(self.build_stages(spec, runtime), store, runtime, progress,
@@ -228,10 +241,20 @@ class Pipeline:
     @staticmethod
     def _run_stages(runner: PipelineRunner, items: Iterable[VQAItem], distributed: DistributedContext) -> list[StageStats]:
         """Each stage over this process's share of the items; under torchrun, every rank's statistics
-        and skipped items are merged on rank 0 once all ranks have finished every stage."""
+        and skipped items are merged on rank 0 once all ranks have finished every stage.
+
+        A stage that reads neighbours (``NEIGHBOUR_INPUTS``) maps them over all the items, not the shard;
+        under torchrun it starts only when every rank has finished the earlier stages (the next item's
+        result may be another rank's) and knows every rank's skipped items (they are passed over)."""
         work = Shard(items, distributed.rank, distributed.world_size) if distributed.active else items
         total = len(work) if hasattr(work, "__len__") else None  # type: ignore[arg-type]
-        stats = [runner.run_stage(bound, work, total) for bound in runner.stages]
+        stats = []
+        for bound in runner.stages:
+            if bound.neighbour_inputs and distributed.active:
+                distributed.barrier()
+                for skipped in distributed.gather(list(runner.skipped.values())):
+                    runner.skipped.update({str(s.question_id): s for s in skipped})
+            stats.append(runner.run_stage(bound, work, total, dataset=items))
         if not distributed.active:
             return stats
         per_rank = distributed.gather((stats, list(runner.skipped.values())))
@@ -252,7 +275,11 @@ class Pipeline:
                     answers.scored_items.append(_without_image(item))
                 if outputs is None:  # skipped: no prediction, scored as missing
                     continue
-                answer = outputs[answer_stage].answer
+                record = outputs[answer_stage]
+                answer = record.answer
+                name = getattr(record, "postprocess", None)  # an LLM answer's; the FiD reader has none
+                if isinstance(name, str):
+                    answers.postprocess[name] = answers.postprocess.get(name, 0) + 1
                 answers.predictions[item.question_id] = answer
                 if records_file is not None:
                     records_file.write(json.dumps(_record_line(item, answer, outputs), ensure_ascii=False) + "\n")
@@ -300,19 +327,23 @@ class Pipeline:
             "total_seconds": round(wall, 4),
             "stages": {s.name: s.to_json() for s in stats},
         }
+        if answers.postprocess:  # which answer post-processing ran (e.g. Img2LLM's OK-VQA lemmatizer)
+            timings["answer_postprocess"] = dict(sorted(answers.postprocess.items()))
         if evaluation is not None:
             timings["evaluation"] = {"variant": evaluation.variant, "lemmatizer": evaluation.lemmatizer}
         atomic_write_text(out / "timings.json", json.dumps(timings, indent=2))
         write_status(out, COMPLETE, num_questions=answers.num_items, num_predictions=len(answers.predictions))
 
 
-def _checked_options(settings: RunSettings) -> Any:
-    """Every run option checked before any model loads (a bad --lemmatize must not cost a finished
-    stage); returns the lemmatizer, built once."""
-    from capvqa.eval.lemmatize import make_lemmatizer
-
-    settings.check_options()
-    return make_lemmatizer(settings.lemmatize)
+def _with_batch_size(spec: PipelineSpec, batch_size: int, explicit: Iterable[str]) -> PipelineSpec:
+    """``spec`` with every stage's batch size set, except the stages named in ``explicit``."""
+    check_batch_size(batch_size)
+    keep = set(explicit)
+    stages = tuple(s if s.name in keep else replace(s, params={**s.params, "batch_size": batch_size})
+                   for s in spec.stages)
+    spec = replace(spec, stages=stages)
+    check_stages_together(spec)
+    return spec
 
 
 @contextmanager

@@ -148,7 +148,25 @@ def stage_contract_problems(stage_class: Any) -> list[str]:
     cost = getattr(stage_class, "cost", None)
     if cost is not None and not callable(cost):
         problems.append("cost, when defined, must be a method cost(input) -> int")
+    problems.extend(neighbour_inputs_problems(stage_class, getattr(stage_class, "NEIGHBOUR_INPUTS", ())))
     return problems
+
+
+def neighbour_inputs_problems(stage_class: Any, neighbour_inputs: Any) -> list[str]:
+    """Why ``neighbour_inputs`` (a stage's ``NEIGHBOUR_INPUTS``, on its class or narrowed by an instance)
+    breaks the contract: it must be a tuple of names from the class's ``INPUTS``."""
+    if not isinstance(neighbour_inputs, tuple) or not all(isinstance(v, str) for v in neighbour_inputs):
+        return ["NEIGHBOUR_INPUTS, when defined, must be a tuple of input names"]
+    inputs = getattr(stage_class, "INPUTS", ())
+    declared = getattr(stage_class, "NEIGHBOUR_INPUTS", ())
+    unknown = [name for name in neighbour_inputs if not isinstance(inputs, tuple) or name not in inputs]
+    if unknown:
+        return [f"NEIGHBOUR_INPUTS names {unknown}, which are not in INPUTS (a neighbour's result is read "
+                "through one of the stage's own required inputs)"]
+    if isinstance(declared, tuple) and not set(neighbour_inputs) <= set(declared):
+        return [f"NEIGHBOUR_INPUTS {list(neighbour_inputs)} of an instance may only narrow the class's "
+                f"{list(declared)}"]
+    return []
 
 
 def answer_field_problem(stage_class: type) -> str | None:

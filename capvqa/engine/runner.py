@@ -5,6 +5,13 @@ Stages run one after another over the whole dataset (stage-major): only one stag
 at a time, each stage batches freely, and a later stage reads its inputs back from the cache. Items are
 streamed in windows, so memory does not grow with the dataset. A crash loses at most the batch in
 flight; a rerun finds everything else in the cache.
+
+A stage may also read an input's result for the *next* item (``NEIGHBOUR_INPUTS``, see
+:class:`capvqa.engine.stage.Stage`): when such a stage starts, one pass over the run's whole item
+sequence maps every question id to the next item not skipped so far, wrapping at the end
+(:class:`NeighbourRing`: the ids and item keys, a few hundred bytes per item). Windows, batches and
+shards only look things up in that map, so they all see the same neighbour, and the neighbour's upstream
+key enters the stage's cache key.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 from capvqa.data.items import VQAItem
 from capvqa.engine.codec import decode_record, encode_record
 from capvqa.engine.keys import item_fingerprint, sha256_hex, stage_fingerprint, stage_item_key
+from capvqa.engine.registry import neighbour_inputs_problems
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, semantic_config
 from capvqa.engine.store import CacheStore
@@ -34,6 +42,9 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 # Diagnostic: when set, every committed batch appends {"stage", "pid", "keys"} to this file, so tests and
 # users can audit that no finished item was ever computed twice (the cache ignores duplicate writes).
 COMMIT_LOG_ENV = "CAPVQA_COMMIT_LOG"
+# A neighbour's upstream key enters a stage's key as input "NAME@next"; "@" is refused in the input names
+# of a stage that reads neighbours, so the entry cannot collide with an input.
+NEIGHBOUR_KEY_SUFFIX = "@next"
 
 
 def revision_field(model_field: str) -> str:
@@ -70,21 +81,51 @@ class BoundStage:
     stage: Any
     inputs: dict[str, str]
     fingerprint: str
+    neighbour_inputs: tuple[str, ...] = ()  # inputs also read for the next item (the stage's NEIGHBOUR_INPUTS)
 
     @classmethod
     def create(
         cls, name: str, stage: Any, inputs: dict[str, str], dtype: str | None = None, cache_dir: Path | None = None,
+        device: str | None = None,
     ) -> BoundStage:
         """``dtype`` (the run's model precision) enters the key of stages that run a model: bf16 and
         fp32 results differ by more than rounding, so they must not be mixed in the cache. ``cache_dir``
-        is the run's cache, where a stage's ``model_fingerprints`` may keep memos (PICa's pool)."""
+        is the run's cache, where a stage's ``model_fingerprints`` may keep memos (PICa's pool).
+
+        A stage that runs its model in a precision of its own (the LLM stage's ``cuda_dtype``) has a
+        ``bind_dtype(dtype, device)`` hook: given the run's dtype and device type ("cuda", "cpu"; None
+        when unknown) it returns the dtype it will run in, and keeps it for ``setup``; that dtype is the
+        one keyed."""
         config = stage.config
+        bind_dtype = getattr(stage, "bind_dtype", None)
+        if callable(bind_dtype):
+            dtype = bind_dtype(dtype, device)
         own = getattr(stage, "model_fingerprints", None)  # a stage whose "model" is not a hub/local model
         models = dict(own(cache_dir=cache_dir)) if callable(own) else default_model_fingerprints(stage)
         if dtype and any(not m.startswith("api:") for m in models.values()):  # local weights only
             models["dtype"] = dtype
         fingerprint = stage_fingerprint(f"{stage.NAME}", stage.VERSION, semantic_config(config), models)
-        return cls(name=name, stage=stage, inputs=dict(inputs), fingerprint=fingerprint)
+        return cls(name=name, stage=stage, inputs=dict(inputs), fingerprint=fingerprint,
+                   neighbour_inputs=_neighbour_inputs(name, stage, inputs))
+
+
+def _neighbour_inputs(name: str, stage: Any, inputs: dict[str, str]) -> tuple[str, ...]:
+    """The stage's ``NEIGHBOUR_INPUTS`` (as the instance states them), checked against its wiring."""
+    neighbours = getattr(stage, "NEIGHBOUR_INPUTS", ())
+    problems = neighbour_inputs_problems(type(stage), neighbours)
+    if problems:
+        raise ConfigError(f"stage {name!r}: {problems[0]}")
+    if not neighbours:
+        return ()
+    unwired = [n for n in neighbours if n not in inputs]
+    if unwired:
+        raise ConfigError(f"stage {name!r} reads inputs {unwired} for neighbouring items, but they are not wired "
+                          f"(inputs: {sorted(inputs)})")
+    odd = [n for n in inputs if NEIGHBOUR_KEY_SUFFIX[0] in n]
+    if odd:
+        raise ConfigError(f"stage {name!r}: input names {odd} may not contain {NEIGHBOUR_KEY_SUFFIX[0]!r} (a stage "
+                          "reading neighbours keys their results under NAME@next)")
+    return tuple(neighbours)
 
 
 @dataclass
@@ -142,6 +183,26 @@ class KeyedItem:
     image_hash: str
     item_key: str
     keys: dict[str, str] = field(default_factory=dict)
+    # stage name -> {neighbour input: the next item's key of that input's source}
+    neighbour_keys: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NeighbourRing:
+    """The run's items in dataset order, minus those skipped when it was built: each item's neighbour is
+    the next one, and the last item's is the first (a one-item run is its own neighbour)."""
+
+    question_ids: list[str]
+    item_keys: list[str]
+    position: dict[str, int]
+
+    def next_of(self, question_id: str) -> tuple[str, str] | None:
+        """(question id, item key) of the item after ``question_id``; None if it is not in the ring."""
+        index = self.position.get(question_id)
+        if index is None:
+            return None
+        following = (index + 1) % len(self.question_ids)
+        return self.question_ids[following], self.item_keys[following]
 
 
 class ImageHasher:
@@ -302,6 +363,7 @@ class PipelineRunner:
         self.skipped: dict[str, SkippedItem] = {}  # by str(question_id)
         self.commit_log = os.environ.get(COMMIT_LOG_ENV)
         self._by_name = {s.name: s for s in self.stages}
+        self._rings: dict[str, NeighbourRing] = {}  # by stage name, for stages reading neighbours
 
     def _skip(self, item: VQAItem, stage: str, error: DataError) -> None:
         if self.on_bad_image != "skip":
@@ -325,17 +387,72 @@ class PipelineRunner:
         return keyed
 
     def keyed(self, item: VQAItem) -> KeyedItem:
+        """The item's keys for every stage. A stage reading neighbours that has not started yet (its
+        neighbour map is built then) gets no key, nor do the stages after it."""
         image_hash = self.hasher(item)
         item_key = item_fingerprint(image_hash, item.question)
-        keyed = KeyedItem(item=item, image_hash=image_hash, item_key=item_key)
-        for bound in self.stages:
-            upstream = {name: keyed.keys[source] for name, source in bound.inputs.items()}
-            keyed.keys[bound.name] = stage_item_key(bound.fingerprint, item_key, upstream)
-        return keyed
+        keys, neighbour_keys = self._stage_keys(str(item.question_id), item_key, len(self.stages))
+        return KeyedItem(item=item, image_hash=image_hash, item_key=item_key, keys=keys,
+                         neighbour_keys=neighbour_keys)
 
-    def run_stage(self, bound: BoundStage, items: Iterable[VQAItem], total: int | None = None) -> StageStats:
+    def _stage_keys(
+        self, question_id: str, item_key: str, count: int
+    ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """Keys of the first ``count`` stages for one item, and the neighbour keys they read. A neighbour's
+        keys come from its own item key (in the ring), computed for the stages before the reader only, so
+        the recursion ends."""
+        keys: dict[str, str] = {}
+        neighbour_keys: dict[str, dict[str, str]] = {}
+        for index, bound in enumerate(self.stages[:count]):
+            upstream = {name: keys[source] for name, source in bound.inputs.items()}
+            if bound.neighbour_inputs:
+                ring = self._rings.get(bound.name)
+                following = ring.next_of(question_id) if ring is not None else None
+                if following is None:  # not started yet, or the item was skipped before it started
+                    break
+                next_keys, _ = self._stage_keys(*following, index)
+                found = {name: next_keys[bound.inputs[name]] for name in bound.neighbour_inputs}
+                neighbour_keys[bound.name] = found
+                upstream.update({name + NEIGHBOUR_KEY_SUFFIX: key for name, key in found.items()})
+            keys[bound.name] = stage_item_key(bound.fingerprint, item_key, upstream)
+        return keys, neighbour_keys
+
+    def neighbour_ring(self, items: Iterable[VQAItem]) -> NeighbourRing:
+        """One pass over the run's whole item sequence (not a shard): the items not skipped so far, in
+        order, as question ids and item keys. Images are hashed through the run's memo, so this reads no
+        file that an earlier stage hashed."""
+        question_ids: list[str] = []
+        item_keys: list[str] = []
+        position: dict[str, int] = {}
+        for item in items:
+            question_id = str(item.question_id)
+            if question_id in self.skipped:
+                continue
+            try:
+                image_hash = self.hasher(item)
+            except DataError as error:
+                self._skip(item, "image hashing", error)
+                continue
+            if question_id in position:
+                raise DataError(
+                    f"question id {item.question_id} occurs twice in the run's items; a stage that reads the "
+                    "next item's results needs unique question ids: remove or renumber the duplicate")
+            position[question_id] = len(question_ids)
+            question_ids.append(question_id)
+            item_keys.append(item_fingerprint(image_hash, item.question))
+        return NeighbourRing(question_ids, item_keys, position)
+
+    def run_stage(
+        self, bound: BoundStage, items: Iterable[VQAItem], total: int | None = None, *,
+        dataset: Iterable[VQAItem] | None = None,
+    ) -> StageStats:
+        """Run one stage over ``items`` (this process's share). ``dataset`` is the run's whole item
+        sequence when ``items`` is a shard of it: a stage reading neighbours maps them over it (default:
+        ``items``)."""
         stage = bound.stage
         stats = StageStats(name=bound.name, stage_type=f"{stage.NAME}@{stage.VERSION}")
+        if bound.neighbour_inputs:
+            self._rings[bound.name] = self.neighbour_ring(dataset if dataset is not None else items)
         batch_size = max(1, int(getattr(stage.config, "batch_size", 8)))
         started = time.perf_counter()
         ready = False
@@ -343,7 +460,7 @@ class PipelineRunner:
         try:
             for window in windows(items, batch_size * WINDOW_BATCHES):
                 keyed = self.keyed_window(window)
-                present = self.store.existing_keys([k.keys[bound.name] for k in keyed])
+                present = self.store.existing_keys([_key(k, bound.name) for k in keyed])
                 misses = [k for k in keyed if k.keys[bound.name] not in present]
                 stats.items += len(keyed)
                 stats.cached += len(keyed) - len(misses)
@@ -418,29 +535,38 @@ class PipelineRunner:
         stats.batches += 1
 
     def _stage_inputs(self, bound: BoundStage, misses: list[KeyedItem]) -> list[StageInput]:
-        upstream_values: dict[str, dict[str, Any]] = {}
-        for input_name, source in bound.inputs.items():
-            keys = [k.keys[source] for k in misses]
-            found = self.store.get_many(keys)
-            output_type = self._by_name[source].stage.Output
-            decoded: dict[str, Any] = {}
+        # (source stage, key) -> what it is, for the error message; upstream results, then neighbours'
+        wanted: dict[tuple[str, str], str] = {}
+        for source in bound.inputs.values():
             for k in misses:
-                key = k.keys[source]
-                if key not in found:
-                    raise UserError(
-                        f"stage {bound.name}: the {source} result of question {k.item.question_id} is not in the "
-                        f"cache {self.store.directory}: that stage has not run, or the entry was removed as damaged or "
-                        "cleared by another process meanwhile; rerun the pipeline (the same command) to recompute it"
-                    )
-                decoded[key] = decode_record(output_type, *found[key])
-            upstream_values[input_name] = decoded
+                wanted.setdefault((source, k.keys[source]), f"question {k.item.question_id}")
+        for input_name in bound.neighbour_inputs:
+            source = bound.inputs[input_name]
+            ring = self._rings[bound.name]
+            for k in misses:
+                following = ring.next_of(str(k.item.question_id))
+                wanted.setdefault((source, k.neighbour_keys[bound.name][input_name]),
+                                  f"question {following[0] if following else '?'} (the next item after question "
+                                  f"{k.item.question_id})")
+        found = self.store.get_many(sorted({key for _, key in wanted}))
+        decoded: dict[tuple[str, str], Any] = {}
+        for (source, key), what in wanted.items():
+            if key not in found:
+                raise UserError(
+                    f"stage {bound.name}: the {source} result of {what} is not in the cache {self.store.directory}: "
+                    "that stage has not run, or the entry was removed as damaged or cleared by another process "
+                    "meanwhile; rerun the pipeline (the same command) to recompute it"
+                )
+            decoded[(source, key)] = decode_record(self._by_name[source].stage.Output, *found[key])
         return [
             StageInput(
                 item=k.item,
                 item_key=k.item_key,
                 image_hash=k.image_hash,
                 content_sha256=k.image_hash,
-                upstream={name: upstream_values[name][k.keys[source]] for name, source in bound.inputs.items()},
+                upstream={name: decoded[(source, k.keys[source])] for name, source in bound.inputs.items()},
+                neighbours={name: decoded[(bound.inputs[name], k.neighbour_keys[bound.name][name])]
+                            for name in bound.neighbour_inputs},
             )
             for k in misses
         ]
@@ -450,9 +576,12 @@ class PipelineRunner:
     ) -> Iterator[tuple[VQAItem, dict[str, Any] | None]]:
         """Every item with every stage's cached result, in input order (after all stages have run);
         skipped items come with ``None``."""
+        for bound in self.stages:  # a runner that did not run the stages maps neighbours now
+            if bound.neighbour_inputs and bound.name not in self._rings:
+                self._rings[bound.name] = self.neighbour_ring(items)
         for chunk in windows(items, window):
             keyed = {str(k.item.question_id): k for k in self.keyed_window(chunk)}
-            wanted = [k.keys[s.name] for k in keyed.values() for s in self.stages]
+            wanted = [_key(k, s.name) for k in keyed.values() for s in self.stages]
             found = self.store.get_many(wanted)
             for item in chunk:
                 k = keyed.get(str(item.question_id))
@@ -461,7 +590,7 @@ class PipelineRunner:
                     continue
                 outputs = {}
                 for bound in self.stages:
-                    key = k.keys[bound.name]
+                    key = _key(k, bound.name)
                     if key not in found:
                         raise UserError(
                             f"question {item.question_id}: the {bound.name} result is not in the cache "
@@ -469,3 +598,14 @@ class PipelineRunner:
                             "meanwhile; rerun the same command to recompute it")
                     outputs[bound.name] = decode_record(bound.stage.Output, *found[key])
                 yield item, outputs
+
+
+def _key(keyed: KeyedItem, stage_name: str) -> str:
+    """The item's key for a stage. Missing only when the item is not in the sequence the stage's neighbours
+    were mapped over (``run_stage``'s ``dataset``), which the engine never does."""
+    key = keyed.keys.get(stage_name)
+    if key is None:
+        raise UserError(
+            f"stage {stage_name}: question {keyed.item.question_id} is not among the items whose neighbours were "
+            "mapped when the stage started (pass the run's whole item sequence as run_stage(..., dataset=...))")
+    return key

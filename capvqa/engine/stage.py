@@ -42,6 +42,9 @@ class StageInput:
     engine: the hash of the image bytes the keys were made from, which a stage decoding the image checks
     (:func:`capvqa.data.images.distinct_images`), so a file replaced mid-run never gets results under the
     old content's keys; hand-made inputs leave it None.
+
+    ``neighbours`` holds, for each of the stage's ``NEIGHBOUR_INPUTS``, that input's upstream result for
+    the *next* item of the run (see :class:`Stage`); empty for other stages and for hand-made inputs.
     """
 
     item: VQAItem
@@ -49,6 +52,7 @@ class StageInput:
     image_hash: str
     upstream: dict[str, Any] = field(default_factory=dict)
     content_sha256: str | None = None
+    neighbours: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,24 @@ class Stage(Protocol):
     - ``CONSUMER_FIELDS = {own field: reader's field}``: settings taken from the config of the stage that
       reads this one's output, so they are stated once (Img2LLM's prompt budget is the LLM's);
     - classmethod ``check_pipeline(config, upstream)``: a cross-stage check run when the config loads,
-      before any model (``upstream`` maps each input to its stage's class and config).
+      before any model (``upstream`` maps each input to its stage's class and config);
+    - ``NEIGHBOUR_INPUTS = (input, ...)``: inputs (a subset of ``INPUTS``) whose upstream result ``run``
+      also reads for the *neighbour* of each item, delivered as ``StageInput.neighbours[input]``
+      (Img2LLM's authors' prompt shows the next item's yes-question). An instance may narrow the tuple
+      in ``__init__`` (set ``self.NEIGHBOUR_INPUTS`` to a subset) when its config does not need them;
+    - ``bind_dtype(dtype, device) -> dtype``: the precision the stage's model will run in, when it is not
+      the run's (Img2LLM's LLM runs in float16 on CUDA, as its authors ran it); that precision is the one
+      in the stage's cache key.
+
+    Neighbours, as the engine defines them (:mod:`capvqa.engine.runner`): the neighbour of an item is the
+    next item of the run's whole item sequence (after ``--limit`` / ``--question-ids`` selection), in
+    dataset order, wrapping from the last item to the first; items skipped for a bad image before the
+    stage starts are passed over (the next item that is not skipped; a one-item run is its own
+    neighbour). The map is built over the whole sequence when the stage starts, so batch size, the
+    runner's windows, ``torchrun`` shards and resumed runs all see the same neighbour; under
+    ``torchrun`` every rank first waits for all ranks to finish the earlier stages. The neighbour's
+    upstream cache key enters the stage's cache key, so a changed neighbour recomputes the item (and,
+    through the key chain, every later stage of it). Question ids must be unique in the run.
 
     :mod:`capvqa.engine.config` applies all of these; nothing of them loads a model.
     """
