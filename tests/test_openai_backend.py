@@ -63,7 +63,9 @@ class CompletionsApp:
         """Greedy completion in the completions schema, cut at ``stop`` like a real server.
 
         Like vLLM, the returned ``tokens``/``token_logprobs`` include the token that contained the stop
-        string (the text does not), so the client has to decide which tokens produced the text.
+        string (the text does not), so the client has to decide which tokens produced the text; and
+        ``finish_reason`` is "stop" both at a stop string and at end-of-sequence, with vLLM's
+        ``stop_reason`` telling them apart (the stop string, or null).
         """
         tokenizer, stop = self.tokenizer, body.get("stop") or []
         ids = tokenizer(body["prompt"], return_tensors="pt")
@@ -78,18 +80,19 @@ class CompletionsApp:
             )
         generated = out.sequences[0, ids["input_ids"].shape[1] :].tolist()
         logprobs = [float(step[0].float().log_softmax(-1)[tok]) for step, tok in zip(out.logits, generated)]
+        finish, stop_reason = "length", None
         if tokenizer.eos_token_id in generated:
             cut = generated.index(tokenizer.eos_token_id)
             generated, logprobs = generated[:cut], logprobs[:cut]
+            finish = "stop"
         prefixes = [
             tokenizer.decode(generated[:k], skip_special_tokens=True) for k in range(len(generated) + 1)
         ]
         text = prefixes[-1]
-        hits = [text.find(s) for s in stop if s in text]
-        finish = "length"
+        hits = sorted((text.find(s), s) for s in stop if s in text)
         n = len(generated)
         if hits:
-            text, finish = text[: min(hits)], "stop"
+            text, finish, stop_reason = text[: hits[0][0]], "stop", hits[0][1]
             n = next(k for k in range(len(generated) + 1) if len(prefixes[k]) > len(text))  # incl. stop token
         pieces = [prefixes[k][len(prefixes[k - 1]) :] for k in range(1, n + 1)]
         return {
@@ -101,6 +104,7 @@ class CompletionsApp:
                     "index": 0,
                     "text": text,
                     "finish_reason": finish,
+                    "stop_reason": stop_reason,
                     "logprobs": {
                         "tokens": pieces,
                         "token_logprobs": logprobs[:n],
@@ -248,6 +252,25 @@ def test_stage_answers_equal_the_local_backend(api, local_lm, cpu_runtime, caplo
     assert KEY not in caplog.text
 
 
+def test_img2llm_okvqa_answers_over_the_api_equal_local(api, tiny_zoo, cpu_runtime, monkeypatch):
+    """The server drops the stop string from the text: whether one ended the completion comes from its
+    finish_reason / stop_reason, so Img2LLM's OK-VQA rule lemmatises exactly the answers it does locally."""
+    from test_llm_answer import IMG2LLM_PROMPTS, load_steered_opt
+
+    steered = load_steered_opt(tiny_zoo, cpu_runtime)  # answers " rockets." and " kites" x 10
+    monkeypatch.setattr(api, "model", steered.model)
+    common = {"model": "tiny-opt", "task": "okvqa", "lemmatizer": "rule"}
+    remote = LLMAnswerer(backend="openai", base_url=api.base_url, api_key_env=KEY_ENV, **common)
+    remote.setup(cpu_runtime)
+    local = LLMAnswerer(llm=steered, **common)
+    local.setup(cpu_runtime)
+    entries = [entry([p], qid=i) for i, p in enumerate(IMG2LLM_PROMPTS)]
+    got = [(r.answer, r.raw, r.candidates[0]["stopped"]) for r in remote.run(entries)]
+    want = [(r.answer, r.raw, r.candidates[0]["stopped"]) for r in local.run(entries)]
+    assert got == want
+    assert got[0] == ("rocket", " rockets", True) and got[1][2] is False  # lemmatised after the period only
+
+
 def test_pica_ensemble_over_the_api_equals_local(api, local_lm, cpu_runtime):
     common = {"model": "tiny-opt", "max_new_tokens": 5, "stop": ["\n"], "postprocess": "pica"}
     remote = LLMAnswerer(
@@ -260,6 +283,23 @@ def test_pica_ensemble_over_the_api_equals_local(api, local_lm, cpu_runtime):
     got, want = remote.run(entries), local.run(entries)
     assert [(r.answer, r.prompt_index) for r in got] == [(r.answer, r.prompt_index) for r in want]
     assert api.max_in_flight <= 2
+
+
+def test_segmented_prompts_are_sent_as_their_joined_text(api, local_lm, cpu_runtime, caplog):
+    from test_llm_answer import INSTRUCTION, REST, SEGMENTED
+
+    remote = LLMAnswerer(backend="openai", model="tiny-opt", base_url=api.base_url, api_key_env=KEY_ENV)
+    remote.setup(cpu_runtime)
+    local = LLMAnswerer(llm=local_lm, model="tiny-opt")
+    local.setup(cpu_runtime)
+    got = remote.run([entry([INSTRUCTION + REST], 1, segments=[SEGMENTED]), entry([INSTRUCTION + REST], 2)])
+    assert [r["body"]["prompt"] for r in api.requests] == [INSTRUCTION + REST] * 2
+    # the server tokenises the text once: one BOS, as the local backend does for the unsegmented prompt
+    want = local.run([entry([INSTRUCTION + REST], 2)])[0]
+    assert [r.raw for r in got] == [want.raw] * 2
+    assert caplog.text.count("segmented prompts are sent as one text") == 1
+    remote.run([entry([INSTRUCTION + REST], 3, segments=[SEGMENTED])])
+    assert caplog.text.count("segmented prompts are sent as one text") == 1  # once per client
 
 
 def test_429_with_retry_after_is_honoured(api, caplog):
@@ -288,9 +328,10 @@ def test_persistent_503_fails_after_bounded_retries(api):
 
 
 def test_timeout_is_retried(api):
-    api.script.append(("sleep", 0.8))
-    result = client(api, timeout_s=0.25).complete(PROMPTS[:1], SETTINGS)
-    assert len(api.requests) == 2 and isinstance(result[0].text, str)
+    api.script.append(("sleep", 2.0))
+    result = client(api, timeout_s=0.5).complete(PROMPTS[:1], SETTINGS)
+    # the first request timed out and was retried (a loaded machine may time out a retry too)
+    assert len(api.requests) >= 2 and isinstance(result[0].text, str)
 
 
 def test_persistent_timeout_fails_clearly(api):
@@ -377,6 +418,28 @@ def test_completion_from_response_sums_the_tokens_that_made_the_text():
         ]
     }
     assert completion_from_response(ignored_stop, ("\n",)).logprob == -1.0
+    assert completion_from_response(ignored_stop, ("\n",)).stopped  # the client's own cut
+
+
+@pytest.mark.parametrize(
+    ("choice", "stop", "stopped"),
+    [
+        ({"finish_reason": "stop"}, ("\n",), True),  # OpenAI: a stop string (or end-of-sequence)
+        ({"finish_reason": "length"}, ("\n",), False),  # max_tokens reached
+        ({"finish_reason": "stop", "stop_reason": "\n"}, ("\n",), True),  # vLLM: the stop string
+        ({"finish_reason": "stop", "stop_reason": None}, ("\n",), False),  # vLLM: end-of-sequence
+        ({"finish_reason": "stop", "stop_reason": 50118}, ("\n",), False),  # vLLM: a stop token id
+        ({"finish_reason": "stop_sequence"}, ("\n",), True),  # TGI
+        ({"finish_reason": "eos_token"}, ("\n",), False),  # TGI
+        ({"finish_reason": "content_filter"}, ("\n",), False),
+        ({}, ("\n",), True),  # not said: the server was asked to stop there
+        ({"finish_reason": "stop"}, (), False),  # no stop strings sent: end-of-sequence
+        ({"finish_reason": "length", "text": " red\nQuestion"}, ("\n",), True),  # stop ignored, cut here
+    ],
+)
+def test_stopped_comes_from_the_finish_reason(choice, stop, stopped):
+    payload = {"choices": [{"text": " red", **choice}]}
+    assert completion_from_response(payload, stop).stopped is stopped
     with pytest.raises(UserError, match="choices"):
         completion_from_response({"error": "x"}, ())
 

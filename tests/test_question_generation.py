@@ -7,14 +7,21 @@ import pytest
 import torch
 
 from capvqa.data.items import ImageRef, VQAItem
-from capvqa.engine.stage import StageInput
-from capvqa.errors import ModelLoadError
+from capvqa.engine.stage import StageInput, semantic_config
+from capvqa.errors import ConfigError, ModelLoadError
 from capvqa.models import qg_checkpoint
 from capvqa.models.checkpoints import checkpoint_download_path
 from capvqa.models.loading import ModelRef
 from capvqa.stages.answer_extraction import CandidateAnswers
 from capvqa.stages.caption_filter import FilteredCaptions
-from capvqa.stages.question_generation import QuestionGeneration, qg_inputs
+from capvqa.stages.question_generation import (
+    QG_TEMPLATE,
+    SPACED_CAPTION_SEPARATOR,
+    SPACED_QG_TEMPLATE,
+    QuestionGeneration,
+    QuestionGenerationConfig,
+    qg_inputs,
+)
 
 
 def entry(captions, answers, key):
@@ -29,16 +36,35 @@ def entry(captions, answers, key):
     )
 
 
-def test_input_template_is_exact():
-    texts = qg_inputs(["dog", "yes"], ["a dog on a beach", " a man surfing "])
+def test_input_is_the_references_by_default():
+    # LAVIS: "answer: %s  context: %s." % (answer + ".", captions concatenated with no separator)
+    texts = qg_inputs(["dog", "yes"], ["a dog on a beach", "a man surfing"])
     assert texts == [
-        "answer: dog  context: a dog on a beach a man surfing.",
-        "answer: yes  context: a dog on a beach a man surfing.",
+        "answer: dog.  context: a dog on a beacha man surfing.",
+        "answer: yes.  context: a dog on a beacha man surfing.",
     ]
-    # the reference's exact bytes: answers with a period, captions glued together
-    lavis = qg_inputs(["dog"], ["a dog on a beach", "a man surfing"],
-                      template="answer: {answer}.  context: {context}.", separator="")
-    assert lavis == ["answer: dog.  context: a dog on a beacha man surfing."]
+    assert QuestionGenerationConfig().template == QG_TEMPLATE and QuestionGenerationConfig().caption_separator == ""
+    # the stage feeds the answer stage's plain answers ("dog", "yes") and adds the reference's period
+    stage = QuestionGeneration(model="unused")
+    inputs = stage.inputs_for(entry(["a dog on a beach", "a man surfing"], ["dog", "man", "yes"], "k"))
+    assert inputs == [f"answer: {a}.  context: a dog on a beacha man surfing." for a in ("dog", "man", "yes")]
+
+
+def test_spaced_variant_is_selectable():
+    spaced = qg_inputs(["dog"], ["a dog on a beach", " a man surfing "], SPACED_QG_TEMPLATE, SPACED_CAPTION_SEPARATOR)
+    assert spaced == ["answer: dog  context: a dog on a beach a man surfing."]
+    stage = QuestionGeneration(model="unused", template=SPACED_QG_TEMPLATE, caption_separator=" ")
+    assert stage.inputs_for(entry(["a b", "c"], ["b", "yes"], "k")) == [
+        "answer: b  context: a b c.", "answer: yes  context: a b c."
+    ]
+    # the format is part of the cache key: the two variants never share generated questions
+    assert semantic_config(stage.config) != semantic_config(QuestionGenerationConfig(model="unused"))
+
+
+@pytest.mark.parametrize("template", ["answer: {answr}  context: {context}.", "answer: {answer}", "{0} {answer}"])
+def test_bad_template_is_a_config_error(template):
+    with pytest.raises(ConfigError, match="template"):
+        QuestionGenerationConfig(template=template)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_llm_answer import PROMPTS, find_stop
+from test_llm_answer import INSTRUCTION, PROMPTS, REST, SEGMENTED, find_stop
 
 from capvqa.errors import ConfigError
 from capvqa.llm import GenerationSettings
@@ -39,6 +39,7 @@ class FakeLLM:
         length = max_model_len or self.model.config.max_position_embeddings
         self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=length))
         self.params = []
+        self.sent = []  # the token ids of every prompt of every generate call
         FakeLLM.instances.append(self)
 
     def get_tokenizer(self):
@@ -46,6 +47,7 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm=True):
         self.params.append(params)
+        self.sent.append([list(prompt["prompt_token_ids"]) for prompt in prompts])
         return [self._greedy(prompt["prompt_token_ids"], params) for prompt in prompts]
 
     def _greedy(self, prompt_ids, params):
@@ -92,6 +94,7 @@ def assert_same(got, expected):
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert [c.num_tokens for c in got] == [c.num_tokens for c in expected]
     assert [c.prompt_tokens_dropped for c in got] == [c.prompt_tokens_dropped for c in expected]
+    assert [c.stopped for c in got] == [c.stopped for c in expected]
     assert [c.logprob for c in got] == pytest.approx([c.logprob for c in expected], abs=1e-4)
 
 
@@ -104,6 +107,7 @@ def test_vllm_backend_equals_the_hugging_face_backend(fake_vllm, tiny_zoo, causa
     got = backend.complete(PROMPTS, stopped)
     assert_same(got, causal.complete(PROMPTS, stopped))
     assert got[index].num_tokens == before and stop not in got[index].text
+    assert got[index].stopped and not all(c.stopped for c in got)  # both kinds, equal to the HF backend's
     # one generate call per complete(): every prompt goes to vLLM's scheduler at once, greedily
     assert len(llm.params) == 2
     params = llm.params[-1]
@@ -123,6 +127,27 @@ def test_vllm_backend_left_truncates_like_the_hugging_face_backend(fake_vllm, ti
     assert_same(got, limited.complete([long_prompt, "hello world"], settings))
 
 
+def test_vllm_backend_sends_segmented_prompts_as_the_hugging_face_backend_does(fake_vllm, tiny_zoo, causal):
+    from capvqa.llm.huggingface import HuggingFaceLM
+
+    prompts = [INSTRUCTION + REST, PROMPTS[0]]
+    segments = [SEGMENTED, None]
+    settings = GenerationSettings(max_new_tokens=6, stop=())
+    backend, llm = make_backend(tiny_zoo)
+    got = backend.complete(prompts, settings, segments=segments)
+    assert_same(got, causal.complete(prompts, settings, segments=segments))
+    tokenizer = causal.tokenizer
+    two_bos = tokenizer(INSTRUCTION)["input_ids"] + tokenizer(REST)["input_ids"]
+    assert llm.sent[-1] == [two_bos, tokenizer(PROMPTS[0])["input_ids"]]  # token-id prompts, BOS twice
+    # left-truncated alike: the first BOS kept, the instruction cut first
+    backend, llm = make_backend(tiny_zoo, context_length=len(two_bos) - 4)
+    limited = HuggingFaceLM(causal.model, causal.tokenizer, kind="causal", context_length=len(two_bos) - 4)
+    got = backend.complete(prompts, settings, segments=segments)
+    assert got[0].prompt_tokens_dropped > 0
+    assert_same(got, limited.complete(prompts, settings, segments=segments))
+    assert llm.sent[-1][0] == [two_bos[0], *two_bos[len(two_bos) - (len(two_bos) - 4 - 6) + 1 :]]
+
+
 def test_answer_stage_builds_vllm_with_its_settings_and_needs_cuda(fake_vllm, tiny_zoo, cpu_runtime):
     from dataclasses import replace
 
@@ -139,6 +164,25 @@ def test_answer_stage_builds_vllm_with_its_settings_and_needs_cuda(fake_vllm, ti
     assert FakeLLM.instances[-1].kwargs == {"model": str(tiny_zoo["causal_lm"]), "dtype": "bfloat16",
                                             "tensor_parallel_size": 2, "max_model_len": 64}
     assert backend.context_length == 64 and backend.name.startswith("vllm:")
+
+
+def test_cuda_dtype_reaches_vllm_and_the_cache_key(fake_vllm, tiny_zoo, cpu_runtime):
+    from dataclasses import replace
+
+    from capvqa.engine.runner import BoundStage
+    from capvqa.stages.llm_answer import LLMAnswerer
+
+    gpu_runtime = replace(cpu_runtime, device=torch.device("cuda"), dtype=torch.bfloat16)
+    model = str(tiny_zoo["causal_lm"])
+    fp16 = LLMAnswerer(model=model, backend="vllm", cuda_dtype="float16", context_length=64)
+    bound = BoundStage.create("llm", fp16, {"prompt": "prompt"}, "bfloat16", device="cuda")
+    fp16.setup(gpu_runtime)
+    assert FakeLLM.instances[-1].kwargs["dtype"] == "float16"
+    run_dtype = LLMAnswerer(model=model, backend="vllm", context_length=64)
+    run_bound = BoundStage.create("llm", run_dtype, {"prompt": "prompt"}, "bfloat16", device="cuda")
+    run_dtype.setup(gpu_runtime)
+    assert FakeLLM.instances[-1].kwargs["dtype"] == "bfloat16"
+    assert bound.fingerprint != run_bound.fingerprint
 
 
 def test_missing_vllm_says_how_to_install(monkeypatch, tiny_zoo, cpu_runtime):

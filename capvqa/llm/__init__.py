@@ -7,14 +7,26 @@ Two kinds of backend implement :class:`LLMBackend`:
 * :mod:`capvqa.llm.openai_api` calls an OpenAI-compatible ``/completions`` endpoint (OpenAI, vLLM, TGI,
   llama.cpp server) with the standard library only.
 
-Both return, per prompt, the completion *cut at the first stop string* and the summed log-probability of
-the tokens that produced the kept text (see :func:`covering_prefix_length`), so the ensemble of PICa and
-the single answer of Img2LLM read the same numbers whichever backend ran. This module holds the value
+Both return, per prompt, the completion *cut at the first stop string*, whether a stop string cut it
+(``Completion.stopped``) and the summed log-probability of the tokens that produced the kept text (see
+:func:`covering_prefix_length`), so the ensemble of PICa and the single answer of Img2LLM read the same
+numbers whichever backend ran. This module holds the value
 objects and the pure helpers both backends share; it imports nothing heavy.
 
 The context length a local model respects when none is configured is decided here too
 (:func:`default_context_length`), so that a stage fitting a prompt *before* the answer stage
 (Img2LLM's, :func:`smallest_context_length`) never allows more than the backend will.
+
+**Segmented prompts.** A prompt may come with *segments*: strings whose concatenation is the prompt and
+that a local backend tokenises one by one, concatenating the ids (:func:`encode_segments`). This is how
+the Img2LLM authors fed OPT (their instruction tokenised on its own, then the rest), so OPT sees its BOS
+``</s>`` at the start of each segment. Precisely: every segment contributes the special tokens the
+tokenizer puts *before* a text (OPT's and Llama's BOS) and its own tokens; the special tokens it puts
+*after* a text (T5's EOS) come once, after the last segment. So a tokenizer that adds no BOS (T5,
+GPT-2) gets no repeated special token, and the only effect of the split is that no token spans a segment
+boundary (a SentencePiece tokenizer also starts each segment as it starts a text, e.g. with its
+word-start marker). An empty segment contributes nothing. An API backend receives text only: it sends
+the joined prompt, and the repeated BOS cannot be expressed there.
 """
 
 from __future__ import annotations
@@ -27,11 +39,15 @@ __all__ = [
     "Completion",
     "GenerationSettings",
     "LLMBackend",
+    "Segments",
+    "check_segments",
     "covering_prefix_length",
     "cut_at_stop",
     "default_context_length",
+    "encode_segments",
     "kept_completion",
     "smallest_context_length",
+    "split_special_tokens",
 ]
 
 # Tokenizers without a known limit report ~1e30 (transformers' VERY_LARGE_INTEGER): "not set".
@@ -57,6 +73,12 @@ class Completion:
     API returned none); ``prompt_tokens_dropped`` counts prompt tokens removed from the left so that the
     prompt plus ``max_new_tokens`` fit the model's context (0 when nothing was removed or not known).
     ``token_ids`` are those tokens, when the backend knows them (local models), for inspection and tests.
+    ``stopped`` says whether generation ended at a stop string, so that ``text`` was cut there (False:
+    it ran to ``max_new_tokens`` or to end-of-sequence, or no stop strings were given); Img2LLM's answer
+    rule needs it because the cut removed the "." or line break the reference looks for. Local backends
+    take it from :func:`kept_completion`; the API backend from the response
+    (:func:`capvqa.llm.openai_api.completion_from_response`). It defaults to True, so a backend that does
+    not report it is treated as before the flag existed (as if cut at a stop string).
     """
 
     text: str
@@ -64,15 +86,30 @@ class Completion:
     num_tokens: int
     prompt_tokens_dropped: int = 0
     token_ids: tuple[int, ...] | None = None
+    stopped: bool = True
+
+
+Segments = Sequence[str]  # one prompt as strings tokenised one by one (see the module docstring)
 
 
 @runtime_checkable
 class LLMBackend(Protocol):
-    """Greedy completion of many prompts; results aligned to ``prompts``."""
+    """Greedy completion of many prompts; results aligned to ``prompts``.
+
+    ``segments``, when given, is aligned to ``prompts``: None for a plain prompt, else that prompt's
+    segments (their concatenation is the prompt; see the module docstring). Callers pass it only when
+    some prompt is segmented, so a backend written before segments existed keeps working for plain
+    prompts.
+    """
 
     name: str
 
-    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]: ...
+    def complete(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        segments: Sequence[Segments | None] | None = None,
+    ) -> list[Completion]: ...
 
     def close(self) -> None: ...
 
@@ -115,17 +152,92 @@ def covering_prefix_length(prefix_texts: Sequence[str], text: str) -> int:
 def kept_completion(
     decode: Callable[[Sequence[int]], str], tokens: Sequence[int], token_logprobs: Sequence[float],
     stop: Sequence[str],
-) -> tuple[list[int], float, str]:
-    """(kept token ids, their summed log-probability, kept text) of one generated row.
+) -> tuple[list[int], float, str, bool]:
+    """(kept token ids, their summed log-probability, kept text, whether a stop string cut it) of one
+    generated row.
 
     ``tokens`` are the generated ids up to (excluding) end-of-sequence and ``token_logprobs`` theirs;
     ``decode`` turns ids into text without special tokens. The text is cut at the first stop string and
-    the tokens that produced it are those of :func:`covering_prefix_length`. Every local backend ends
-    its rows here, so they keep and score the same tokens.
+    the tokens that produced it are those of :func:`covering_prefix_length`. A row that ended at
+    end-of-sequence before any stop string is not stopped (its ids were cut at the end-of-sequence
+    before they came here). Every local backend ends its rows here, so they keep and score the same
+    tokens and say ``stopped`` alike.
     """
-    text, _ = cut_at_stop(decode(tokens), stop)
+    text, stopped = cut_at_stop(decode(tokens), stop)
     kept = covering_prefix_length([decode(tokens[:k]) for k in range(1, len(tokens) + 1)], text)
-    return list(tokens[:kept]), float(sum(token_logprobs[:kept])), text
+    return list(tokens[:kept]), float(sum(token_logprobs[:kept])), text, stopped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segmented prompts
+
+
+def check_segments(
+    prompts: Sequence[str], segments: Sequence[Segments | None] | None
+) -> list[tuple[str, ...] | None]:
+    """``segments`` aligned to ``prompts`` (all None when not given), each checked to join to its prompt.
+
+    A mismatch is a bug in the stage that built the prompt; it raises ValueError naming the prompt.
+    """
+    if segments is None:
+        return [None] * len(prompts)
+    if len(segments) != len(prompts):
+        raise ValueError(f"{len(segments)} segment lists for {len(prompts)} prompts")
+    checked: list[tuple[str, ...] | None] = []
+    for index, (prompt, parts) in enumerate(zip(prompts, segments)):
+        if parts is None:
+            checked.append(None)
+            continue
+        if isinstance(parts, str) or any(not isinstance(part, str) for part in parts):
+            raise ValueError(f"prompt {index}: segments must be a list of strings, got {parts!r}")
+        if "".join(parts) != prompt:
+            raise ValueError(
+                f"prompt {index}: its segments do not join to the prompt text "
+                f"({''.join(parts)[:60]!r}... vs {prompt[:60]!r}...)"
+            )
+        checked.append(tuple(parts))
+    return checked
+
+
+def split_special_tokens(ids: Sequence[int], content_ids: Sequence[int]) -> tuple[int, int] | None:
+    """(number of special tokens before, after) the content in a text's ids, or None when ``content_ids``
+    (the text tokenised without special tokens) does not occur in ``ids`` (with them) as one run."""
+    n = len(content_ids)
+    content = list(content_ids)
+    for start in range(len(ids) - n + 1):
+        if list(ids[start : start + n]) == content:
+            return start, len(ids) - start - n
+    return None
+
+
+def encode_segments(tokenizer: Any, segments: Sequence[str]) -> tuple[list[int], int, int]:
+    """Token ids of a segmented prompt (see the module docstring), with how many special tokens lead
+    and trail them (what left-truncation keeps).
+
+    Each segment is tokenised on its own with and without special tokens to tell its special prefix and
+    suffix from its content. A segment without tokens of its own (empty, or whitespace a tokenizer
+    drops) contributes nothing; a tokenizer whose special tokens cannot be told apart that way (the
+    content does not occur in one run) has that segment's ids used whole. A prompt without any token of
+    its own is tokenised as the empty text.
+    """
+    parts = [part for part in segments if part]
+    full = tokenizer(parts, add_special_tokens=True)["input_ids"] if parts else []
+    plain = tokenizer(parts, add_special_tokens=False)["input_ids"] if parts else []
+    pieces = [(list(ids), list(content)) for ids, content in zip(full, plain) if content]
+    if not pieces:
+        ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+        return ids, len(ids), 0
+    out: list[int] = []
+    head, suffix = 0, []
+    for index, (ids, content) in enumerate(pieces):
+        split = split_special_tokens(ids, content)
+        before, after = split if split is not None else (0, 0)
+        if index == 0:
+            head = before
+        out.extend(ids[: len(ids) - after])
+        suffix = ids[len(ids) - after :]
+    out.extend(suffix)  # the last segment's trailing special tokens only
+    return out, head, len(suffix)
 
 
 # ---------------------------------------------------------------------------------------------------

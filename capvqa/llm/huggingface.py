@@ -10,14 +10,18 @@ out-of-memory error shows on the first group; results are put back in input orde
 Decoding is greedy. A stopping criterion marks a row finished once its decoded text contains a stop
 string (or the model emits end-of-sequence), and generation ends when every row is finished or
 ``max_new_tokens`` is reached. Afterwards each row is cut at its first end-of-sequence and its decoded
-text at the first stop string; the completion's log-probability is the sum, over the generated tokens
+text at the first stop string (``Completion.stopped`` says whether one cut it: a row that ended at
+end-of-sequence or ran to ``max_new_tokens`` first is not stopped, whatever it would have generated
+next); the completion's log-probability is the sum, over the generated tokens
 that produced the kept text (:func:`capvqa.llm.covering_prefix_length`), of log-softmax of the model's
 raw logits (``output_logits``, i.e. before any logits processor) at the chosen token.
 
 The context rule of Img2LLM (prompt + answer <= context length) is enforced by left-truncating a causal
 LM's prompt to ``context_length - max_new_tokens`` tokens, keeping the tokenizer's special prefix (e.g.
 OPT's ``</s>``); for a seq2seq LM the encoder input is left-truncated to ``context_length``. The number of
-dropped tokens is returned with each completion, so it is recorded with the answer. Img2LLM's prompt
+dropped tokens is returned with each completion, so it is recorded with the answer. A segmented prompt
+(:mod:`capvqa.llm`: Img2LLM's instruction tokenised on its own, so OPT sees BOS twice) is tokenised
+segment by segment and then truncated by the same rule, its first BOS kept. Img2LLM's prompt
 stage has already fitted its prompt to this same budget (it reads the answer stage's ``max_new_tokens``
 and ``context_length`` when the pipeline loads), so there truncation is only the last resort for a
 question that does not fit even alone; PICa's prompts are not fitted beforehand.
@@ -34,7 +38,16 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import ConfigError, ModelLoadError
-from capvqa.llm import Completion, GenerationSettings, default_context_length, kept_completion
+from capvqa.llm import (
+    Completion,
+    GenerationSettings,
+    Segments,
+    check_segments,
+    default_context_length,
+    encode_segments,
+    kept_completion,
+    split_special_tokens,
+)
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 log = logging.getLogger(__name__)
@@ -55,27 +68,34 @@ def resolve_lm_kind(requested: str, is_encoder_decoder: bool) -> str:
     return requested
 
 
+def keep_end(ids: Sequence[int], head: int, tail: int, limit: int) -> tuple[list[int], int]:
+    """Fit token ids into ``limit`` tokens by dropping tokens from the left of what lies between the
+    ``head`` leading and ``tail`` trailing special tokens, which are kept. Returns the kept ids and how
+    many were dropped; raises ConfigError when even the special tokens do not fit."""
+    if len(ids) <= limit:
+        return list(ids), 0
+    keep = limit - head - tail
+    if keep <= 0:
+        raise ConfigError(
+            f"a prompt cannot be fitted into {limit} tokens: raise context_length or lower max_new_tokens"
+        )
+    middle = list(ids[head : len(ids) - tail])
+    return [*ids[:head], *middle[len(middle) - keep :], *ids[len(ids) - tail :]], len(middle) - keep
+
+
 def left_truncate(ids: list[int], content_ids: list[int], limit: int) -> tuple[list[int], int]:
     """Fit a tokenized prompt into ``limit`` tokens by dropping content tokens from the left.
 
     ``ids`` is the prompt tokenized with special tokens, ``content_ids`` without; the special prefix and
     suffix around the content (OPT's leading ``</s>``, T5's trailing ``</s>``) are kept, because a model
     has only ever seen its inputs framed so. Returns the kept ids and how many content tokens were
-    dropped. Raises ConfigError when even the special tokens do not fit.
+    dropped. Raises ConfigError when even the special tokens do not fit. When the content does not occur
+    in ``ids`` as one run (a tokenizer that merged specials into it), the last ``limit`` tokens are kept.
     """
     if len(ids) <= limit:
         return list(ids), 0
-    n = len(content_ids)
-    start = next((p for p in range(len(ids) - n + 1) if ids[p : p + n] == content_ids), None)
-    if start is None:  # the tokenizer merged specials into the content: keep the last tokens
-        return list(ids[-limit:]), len(ids) - limit
-    prefix, suffix = ids[:start], ids[start + n :]
-    keep = limit - len(prefix) - len(suffix)
-    if keep <= 0:
-        raise ConfigError(
-            f"a prompt cannot be fitted into {limit} tokens: raise context_length or lower max_new_tokens"
-        )
-    return [*prefix, *content_ids[n - keep :], *suffix], n - keep
+    head, tail = split_special_tokens(ids, content_ids) or (0, 0)
+    return keep_end(ids, head, tail, limit)
 
 
 def prompt_token_limit(context_length: int, answer_tokens: int) -> int:
@@ -89,19 +109,45 @@ def prompt_token_limit(context_length: int, answer_tokens: int) -> int:
 
 
 def encode_prompts(
-    tokenizer: Any, prompts: Sequence[str], limit: int | None, context_length: int | None
+    tokenizer: Any,
+    prompts: Sequence[str],
+    limit: int | None,
+    context_length: int | None,
+    segments: Sequence[Segments | None] | None = None,
 ) -> list[tuple[list[int], int]]:
-    """Token ids of each prompt (with special tokens), left-truncated to ``limit`` tokens by
-    :func:`left_truncate`, with the number of tokens dropped; a warning says how many were cut."""
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    """Token ids of each prompt (with special tokens), left-truncated to ``limit`` tokens, with the
+    number of tokens dropped; a warning says how many were cut.
+
+    A plain prompt is tokenised whole and truncated by :func:`left_truncate`. A segmented prompt
+    (``segments[i]`` not None) is tokenised by :func:`capvqa.llm.encode_segments` and truncated the same
+    way: its first segment's leading special tokens and its trailing ones are kept and tokens are
+    dropped from the left of the rest, so the first segment (Img2LLM's instruction, with the second BOS
+    after it) goes first. Img2LLM's prompt stage fits its prompts so that this does not happen.
+    """
+    checked = check_segments(prompts, segments)
+    plain = [i for i, parts in enumerate(checked) if parts is None]
+    ids: dict[int, list[int]] = {}
+    framing: dict[int, tuple[int, int]] = {}
+    if plain:
+        rows = tokenizer([prompts[i] for i in plain], add_special_tokens=True)["input_ids"]
+        ids.update((i, list(row)) for i, row in zip(plain, rows))
+    for i, parts in enumerate(checked):
+        if parts is not None:
+            ids[i], head, tail = encode_segments(tokenizer, parts)
+            framing[i] = (head, tail)
     if limit is None:
-        return [(list(row), 0) for row in ids]
-    too_long = [i for i, row in enumerate(ids) if len(row) > limit]
+        return [(ids[i], 0) for i in range(len(prompts))]
+    too_long = [i for i in range(len(prompts)) if len(ids[i]) > limit]
     content = {}
-    if too_long:
-        plain = tokenizer([prompts[i] for i in too_long], add_special_tokens=False)["input_ids"]
-        content = dict(zip(too_long, plain))
-    encoded = [left_truncate(list(row), list(content.get(i, row)), limit) for i, row in enumerate(ids)]
+    plain_too_long = [i for i in too_long if i not in framing]
+    if plain_too_long:
+        rows = tokenizer([prompts[i] for i in plain_too_long], add_special_tokens=False)["input_ids"]
+        content = dict(zip(plain_too_long, rows))
+    encoded = [
+        keep_end(ids[i], *framing[i], limit) if i in framing
+        else left_truncate(ids[i], list(content.get(i, ids[i])), limit)
+        for i in range(len(prompts))
+    ]
     dropped = sum(n for _, n in encoded)
     if dropped:
         log.warning(
@@ -246,20 +292,31 @@ class HuggingFaceLM:
             return None
         return prompt_token_limit(self.context_length, max_new_tokens if self.kind == "causal" else 0)
 
-    def encode(self, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[list[int], int]]:
-        """Token ids of each prompt, left-truncated to fit, with the number of tokens dropped."""
-        return encode_prompts(self.tokenizer, prompts, self.prompt_limit(max_new_tokens), self.context_length)
+    def encode(
+        self, prompts: Sequence[str], max_new_tokens: int, segments: Sequence[Segments | None] | None = None
+    ) -> list[tuple[list[int], int]]:
+        """Token ids of each prompt (segmented ones tokenised segment by segment), left-truncated to
+        fit, with the number of tokens dropped."""
+        return encode_prompts(
+            self.tokenizer, prompts, self.prompt_limit(max_new_tokens), self.context_length, segments
+        )
 
-    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
-        """Greedy completions aligned to ``prompts`` (see the module docstring)."""
+    def complete(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        segments: Sequence[Segments | None] | None = None,
+    ) -> list[Completion]:
+        """Greedy completions aligned to ``prompts`` (see the module docstring); ``segments`` as in
+        :class:`capvqa.llm.LLMBackend`."""
         if not prompts:
             return []
-        encoded = self.encode(prompts, settings.max_new_tokens)
+        encoded = self.encode(prompts, settings.max_new_tokens, segments)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))  # longest first
         results: list[Completion | None] = [None] * len(prompts)
         for start in range(0, len(order), self.prompts_per_generate):
             group = order[start : start + self.prompts_per_generate]
-            for i, (tokens, logprob, text) in zip(
+            for i, (tokens, logprob, text, stopped) in zip(
                 group, self._generate([encoded[i][0] for i in group], settings)
             ):
                 results[i] = Completion(
@@ -268,14 +325,16 @@ class HuggingFaceLM:
                     num_tokens=len(tokens),
                     prompt_tokens_dropped=encoded[i][1],
                     token_ids=tuple(tokens),
+                    stopped=stopped,
                 )
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
     def _generate(
         self, rows: list[list[int]], settings: GenerationSettings
-    ) -> list[tuple[list[int], float, str]]:
-        """One ``generate`` call over token rows: (kept token ids, their summed logprob, kept text) each."""
+    ) -> list[tuple[list[int], float, str, bool]]:
+        """One ``generate`` call over token rows: (kept token ids, their summed logprob, kept text, whether
+        a stop string cut it) each (:func:`capvqa.llm.kept_completion`)."""
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

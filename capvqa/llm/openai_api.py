@@ -5,6 +5,10 @@
 ``choices[0].text`` (cut at the first stop string again, in case a server ignores ``stop``) and its
 log-probability the sum of ``choices[0].logprobs.token_logprobs`` over the tokens that produced the kept
 text (:func:`capvqa.llm.covering_prefix_length`; servers differ in whether they return the stop token).
+Whether a stop string ended the completion (``Completion.stopped``, which Img2LLM's answer rule reads)
+comes from the response, since servers drop the stop string from the text (:func:`stopped_at_stop`).
+A segmented prompt (:mod:`capvqa.llm`) is sent as its joined text: the server tokenises text, so the
+BOS a local backend repeats at each segment cannot be sent.
 
 Transient failures -- HTTP 429 and 5xx, refused or dropped connections, timeouts -- are retried with
 exponential backoff and full jitter (a ``Retry-After`` header, in seconds, is honoured instead when
@@ -35,7 +39,14 @@ from itertools import accumulate
 from typing import Any
 
 from capvqa.errors import ConfigError, UserError
-from capvqa.llm import Completion, GenerationSettings, covering_prefix_length, cut_at_stop
+from capvqa.llm import (
+    Completion,
+    GenerationSettings,
+    Segments,
+    check_segments,
+    covering_prefix_length,
+    cut_at_stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +130,32 @@ class OpenAICompletionsClient:
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
         self._opener = urllib.request.build_opener(_NoRedirect)
+        self._warned_segments = False
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAICompletionsClient(url={self.url!r}, model={self.model!r})"
 
-    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
-        """One completion per prompt, in order; raises UserError when a prompt fails for good."""
+    def complete(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        segments: Sequence[Segments | None] | None = None,
+    ) -> list[Completion]:
+        """One completion per prompt, in order; raises UserError when a prompt fails for good.
+
+        The API takes text, so a segmented prompt is sent as its joined text (the prompt itself): the
+        server tokenises it once, and the extra BOS a local backend puts at each segment (Img2LLM's
+        instruction) cannot be sent. A warning says so once per client.
+        """
         if not prompts:
             return []
+        if any(parts is not None for parts in check_segments(prompts, segments)) and not self._warned_segments:
+            self._warned_segments = True
+            log.warning(
+                "LLM API %s: segmented prompts are sent as one text; the server tokenises them whole, so "
+                "the BOS token a local backend repeats at each segment (Img2LLM's instruction) is not sent",
+                self.url,
+            )
         with ThreadPoolExecutor(
             max_workers=min(self.concurrency, len(prompts)), thread_name_prefix="capvqa-llm-api"
         ) as pool:
@@ -257,15 +286,52 @@ def completion_from_response(payload: dict[str, Any], stop: Sequence[str]) -> Co
             f"the LLM API answered without choices[0].text (is it a /completions endpoint?): "
             f"{json.dumps(payload)[:_MESSAGE_CHARS]}"
         ) from None
-    text, _ = cut_at_stop(str(text), stop)
+    text, cut = cut_at_stop(str(text), stop)
+    stopped = stopped_at_stop(choice, stop, cut)
     logprobs = choice.get("logprobs") or {}
     values = logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
     if not values:
-        return Completion(text=text, logprob=None if text else 0.0, num_tokens=0)
+        return Completion(text=text, logprob=None if text else 0.0, num_tokens=0, stopped=stopped)
     tokens = logprobs.get("tokens")
     if isinstance(tokens, list) and len(tokens) == len(values):
         kept = covering_prefix_length(list(accumulate(str(t) for t in tokens)), text)
     else:
         kept = len(values)
     total = sum(float(v) for v in values[:kept] if v is not None)
-    return Completion(text=text, logprob=total, num_tokens=kept)
+    return Completion(text=text, logprob=total, num_tokens=kept, stopped=stopped)
+
+
+# TGI's finish reason for a stop string (besides the OpenAI schema's "stop", "length", "content_filter")
+_STOP_STRING_FINISH = frozenset({"stop_sequence"})
+
+
+def stopped_at_stop(choice: dict[str, Any], stop: Sequence[str], cut: bool) -> bool:
+    """Whether the completion in ``choice`` ended at one of the ``stop`` strings (``Completion.stopped``).
+
+    Servers drop the stop string from the text, so mostly the response has to say it:
+
+    * the client's own cut found a stop string in the text (a server that ignores ``stop``): True;
+    * no stop strings were sent: False (only ``max_tokens`` or end-of-sequence can have ended it);
+    * ``finish_reason`` "length" (``max_tokens`` reached) or any other reason but "stop" (TGI's
+      "eos_token", "content_filter"): False; TGI's "stop_sequence": True;
+    * ``finish_reason`` "stop": in the OpenAI schema a stop string *or* the model's end-of-sequence. vLLM's
+      server says which in ``stop_reason`` (the stop string; a stop token id or null for end-of-sequence):
+      True only for a string. Without ``stop_reason`` it is taken as a stop string, the usual case for
+      short answers with a newline among the stops; an end-of-sequence first is then misread (for
+      Img2LLM's OK-VQA rule, the answer is lemmatised where the reference would not have);
+    * no ``finish_reason``: True, as the server was asked to stop at the stop strings.
+    """
+    if cut:
+        return True
+    if not any(stop):
+        return False
+    finish = choice.get("finish_reason")
+    if finish is None:
+        return True
+    if finish in _STOP_STRING_FINISH:
+        return True
+    if finish != "stop":
+        return False
+    if "stop_reason" in choice:
+        return isinstance(choice["stop_reason"], str)
+    return True

@@ -6,11 +6,13 @@ length-sorted groups as with :mod:`capvqa.llm.huggingface`. Tensor parallelism s
 one GPU (OPT-30B/66B) across ``tensor_parallel_size`` GPUs.
 
 The results follow the same rules as the Hugging Face backend, so the answer stage cannot tell them
-apart: prompts are left-truncated with the same helper (special prefix kept, dropped tokens counted);
+apart: prompts are tokenised and left-truncated with the same helper (segmented prompts segment by
+segment, so OPT sees Img2LLM's two BOS tokens here too; special prefix kept, dropped tokens counted);
 decoding is greedy (temperature 0); vLLM's default ``raw_logprobs`` mode gives the chosen token's
 log-probability under the raw logits, as ``output_logits`` does there; and each row is cut and scored by
 :func:`capvqa.llm.kept_completion`. vLLM stops a row at a stop string (kept in its output, so the cut is
-ours) or at end-of-sequence.
+ours, and so is ``Completion.stopped``: whether a stop string cut the text, as there) or at
+end-of-sequence.
 
 Install with ``pip install 'capvqa[vllm]'`` (Linux, CUDA). Causal LMs only.
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import ConfigError, ModelLoadError
-from capvqa.llm import Completion, GenerationSettings, kept_completion
+from capvqa.llm import Completion, GenerationSettings, Segments, kept_completion
 from capvqa.llm.huggingface import encode_prompts, first_eos, prompt_token_limit
 from capvqa.models.loading import ModelRef
 
@@ -81,14 +83,20 @@ class VLLMBackend:
         resolved = context_length or int(llm.llm_engine.model_config.max_model_len)
         return cls(llm, context_length=resolved, name=f"vllm:{ref.id}")
 
-    def complete(self, prompts: Sequence[str], settings: GenerationSettings) -> list[Completion]:
-        """Greedy completions aligned to ``prompts``, all submitted to vLLM together."""
+    def complete(
+        self,
+        prompts: Sequence[str],
+        settings: GenerationSettings,
+        segments: Sequence[Segments | None] | None = None,
+    ) -> list[Completion]:
+        """Greedy completions aligned to ``prompts``, all submitted to vLLM together as token ids
+        (segmented prompts tokenised segment by segment, as in the Hugging Face backend)."""
         if not prompts:
             return []
         vllm = import_vllm()
         encoded = encode_prompts(
             self.tokenizer, prompts, prompt_token_limit(self.context_length, settings.max_new_tokens),
-            self.context_length,
+            self.context_length, segments,
         )
         params = vllm.SamplingParams(
             temperature=0.0,
@@ -110,10 +118,10 @@ class VLLMBackend:
             tokens = list(sequence.token_ids)
             tokens = tokens[: first_eos(tokens, self.eos_ids)]
             logprobs = [step[token].logprob for step, token in zip(sequence.logprobs, tokens)]
-            kept, logprob, text = kept_completion(decode, tokens, logprobs, settings.stop)
+            kept, logprob, text, stopped = kept_completion(decode, tokens, logprobs, settings.stop)
             completions.append(
                 Completion(text=text, logprob=logprob, num_tokens=len(kept), prompt_tokens_dropped=dropped,
-                           token_ids=tuple(kept))
+                           token_ids=tuple(kept), stopped=stopped)
             )
         return completions
 

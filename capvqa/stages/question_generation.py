@@ -6,16 +6,19 @@ pairs become the LLM's in-context exemplars. The paper's model is ``google/t5-la
 fine-tuned by the authors (``T5_large_QG.pth``, see :mod:`capvqa.models.qg_checkpoint`); any hub
 seq2seq QG model plugs in with its own ``template``.
 
-Input text: ``"answer: {answer}  context: {context}."`` -- two spaces before "context:" -- with
-``context`` the captions joined by ``caption_separator``. Differences from the reference (LAVIS
-``Img2PromptVQA.answer_extraction``), on purpose:
+Input text, by default the reference's (LAVIS ``Img2PromptVQA.answer_extraction``) byte for byte:
+``"answer: {answer}.  context: {context}."`` -- the answer with a period after it, two spaces before
+"context:" -- with ``context`` the captions concatenated with no separator, as the caption stage gave
+them ("a dog on a beacha man surfing"). The reference's candidate answers carry that period (it adds
+one to each when de-duplicating them, "yes." included); capvqa's answer stage keeps its answers plain,
+so the template adds it here.
 
-- the reference concatenates captions with no separator at all ("a dog on a beacha man surfing"),
-  fusing the last word of each caption with the first of the next; we join with a space. Set
-  ``caption_separator: ""`` to reproduce it.
-- the reference's answers carry a trailing period ("answer: dog.  context: ..."), a side effect of
-  its de-duplication; ours are plain. Set ``template: "answer: {answer}.  context: {context}."`` to
-  reproduce it.
+A spaced variant is kept for comparison: the reference's glued captions fuse the last word of each
+caption with the first of the next, and the period makes the answer look like the end of a sentence.
+``template: "answer: {answer}  context: {context}."`` with ``caption_separator: " "``
+(:data:`SPACED_QG_TEMPLATE`, :data:`SPACED_CAPTION_SEPARATOR`) writes the answer plain and joins the
+captions with a space: what capvqa's default was before it followed the reference
+(docs/methods.md#question-generation).
 
 Decoding as the reference: beam search with 3 beams, ``max_length`` 30 (decoder tokens, start token
 included), input truncated at 2048 tokens (T5's relative positions allow it). The reference runs 10
@@ -34,11 +37,17 @@ import torch
 
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
+from capvqa.errors import ConfigError
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 log = logging.getLogger(__name__)
 
-QG_TEMPLATE = "answer: {answer}  context: {context}."
+# the reference's input (docs/methods.md#question-generation): the answer with its period, captions glued
+QG_TEMPLATE = "answer: {answer}.  context: {context}."
+QG_CAPTION_SEPARATOR = ""
+# the spaced variant: plain answer, captions joined by a space
+SPACED_QG_TEMPLATE = "answer: {answer}  context: {context}."
+SPACED_CAPTION_SEPARATOR = " "
 
 
 @dataclass(frozen=True)
@@ -48,13 +57,27 @@ class QuestionGenerationConfig:
     # the authors' fine-tuned weights (path or URL, e.g. qg_checkpoint.T5_LARGE_QG_URL); None: use
     # ``model`` as it is (a hub QG model, or the tiny zoo)
     checkpoint: str | None = None
-    template: str = QG_TEMPLATE
-    caption_separator: str = " "
+    template: str = QG_TEMPLATE  # "{answer}" and "{context}" are filled in
+    caption_separator: str = QG_CAPTION_SEPARATOR
     num_beams: int = 3
     max_length: int = 30
     max_input_tokens: int = 2048
     batch_size: int = non_semantic(8)
     max_inputs_per_generate: int = non_semantic(64)
+
+    def __post_init__(self) -> None:  # here, so that loading a pipeline config checks it
+        try:
+            self.template.format(answer="", context="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ConfigError(
+                f"question_generation: template {self.template!r} is not a format string with only "
+                f"{{answer}} and {{context}} ({type(error).__name__}: {error}); write literal braces as "
+                "{{ and }}"
+            ) from None
+        if "{answer}" not in self.template or "{context}" not in self.template:
+            raise ConfigError(
+                f"question_generation: template {self.template!r} must contain {{answer}} and {{context}}"
+            )
 
 
 @dataclass(frozen=True)
@@ -65,13 +88,14 @@ class SyntheticQA:
     answers: list[str]
 
 
-def qg_context(captions: Sequence[str], separator: str = " ") -> str:
-    """All captions of a question as one QG context."""
+def qg_context(captions: Sequence[str], separator: str = QG_CAPTION_SEPARATOR) -> str:
+    """All captions of a question as one QG context (each stripped of surrounding whitespace, which
+    the caption stage has already done)."""
     return separator.join(caption.strip() for caption in captions)
 
 
 def qg_inputs(answers: Sequence[str], captions: Sequence[str], template: str = QG_TEMPLATE,
-              separator: str = " ") -> list[str]:
+              separator: str = QG_CAPTION_SEPARATOR) -> list[str]:
     """The QG model's input text for each answer."""
     context = qg_context(captions, separator)
     return [template.format(answer=answer, context=context) for answer in answers]

@@ -1,20 +1,28 @@
 """Turning an LLM's raw completion into a VQA answer: the rules of Img2LLM and PICa.
 
-Pure functions of the text (and, for OK-VQA, an injected lemmatizer), so the rules are testable without
-a model and the LLM stage records exactly which rule ran (:func:`postprocess_name`).
+Pure functions of the text (and, for OK-VQA, an injected analyzer), so the rules are testable without a
+model and the LLM stage records exactly which rule ran (:func:`postprocess_name`).
 
-``img2llm`` (Img2LLM, docs/methods.md#llm-and-answer-post-processing, which also lists how this differs
-from the authors' ``postprocess_Answer``), in order:
-  1. cut at the first "." or newline (the LLM continues with the next exemplar after its answer);
-  2. lowercase, strip surrounding whitespace.
-  With ``okvqa`` (the extra rules Img2LLM used on OK-VQA), then:
-  3. drop a leading "because it is ", "it is " or "they are " (the LLM answering in a sentence);
-  4. drop the function words to/in/on/at/with/about/for wherever they stand as words ("on the table" ->
-     "the table"; articles are left to the VQA normaliser);
-  5. lemmatise every remaining word that contains no digit, one word at a time (a verb form to its base,
-     then a noun plural to its singular: the lemmatizer of :mod:`capvqa.eval.lemmatize` does both), so
-     the prediction matches OK-VQA's stemmed answers; words with digits ("1990s", "3rd") are kept.
-  Words are re-joined with single spaces.
+``img2llm`` is the authors' ``postprocess_Answer`` followed by ``remove_useless_token``
+(docs/methods.md#llm-and-answer-post-processing), in their order:
+
+  1. When the completion has a "." or a line break, the text before the first of them, lower-cased.
+     When it has neither, the whole completion, lower-cased, and step 2 does not run. The LLM stage's
+     backends already cut completions at their stop strings, so they say with ``stopped`` whether the
+     cut text ended at a "." or line break (the reference saw the whole completion and found it there).
+  2. OK-VQA only (``okvqa``): the text is split into tokens with Penn Treebank tags; a token is replaced
+     by its lemma (WordNet's verb lemma, then the noun lemma of that) unless a digit has appeared in it
+     or in an earlier token, it ends in "ed", or it is tagged VBD or VBN; tokens that are one of
+     to/in/on/at/with/about/for are then dropped and the rest joined by single spaces. The tokens, tags
+     and lemmas come from an :class:`OkvqaAnalyzer` (:mod:`capvqa.eval.lemmatize`: NLTK + WordNet as
+     the authors ran it, or a substitute); without one the text is split on whitespace and nothing is
+     lemmatised.
+  3. On every dataset: lower-case, then strip the leading phrases of ``remove_useless_token``
+     (:data:`IMG2LLM_LEADING_PHRASES`). Each check runs once, in the reference's order, on what the
+     previous ones left; a match removes the phrase *and the character after it*, whatever it is.
+  4. Surrounding whitespace is stripped. The reference keeps it (an answer that was not re-joined from
+     tokens keeps the space OPT puts before its first word, which also stops step 3 from matching); the
+     VQA evaluation strips it before scoring, so the scores are the same.
 
 ``pica`` (PICa, docs/methods.md#decoding-ensemble-and-post-processing): remove every "." and ","
 character, lowercase, split on whitespace, drop the words a/an/the/to, re-join with single spaces.
@@ -22,49 +30,124 @@ character, lowercase, split on whitespace, drop the words a/an/the/to, re-join w
 gives the same result on its outputs.)
 
 ``none``: the raw completion, stripped.
-
-Both methods' raw completions are already cut at the stop strings by the LLM stage; the ``img2llm`` cut
-here also makes the rule hold for completions produced with other stops.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol, runtime_checkable
 
 from capvqa.errors import ConfigError
 
 POSTPROCESS_RULES: Final[tuple[str, ...]] = ("img2llm", "pica", "none")
 
-IMG2LLM_LEADING_PHRASES: Final[tuple[str, ...]] = ("because it is ", "it is ", "they are ")
-IMG2LLM_FUNCTION_WORDS: Final = frozenset({"to", "in", "on", "at", "with", "about", "for"})
+# The reference's list, "up to" included: it is compared with single tokens, so it never matches.
+IMG2LLM_FUNCTION_WORDS: Final = frozenset({"to", "in", "on", "at", "with", "about", "up to", "for"})
+# remove_useless_token: checks in order, each on the result of the previous ones; a text starting with
+# any phrase of a group loses that phrase and the one character after it. The order is what makes
+# "because she is tired" become "is tired" (the bare "because she" check comes first) and "because
+# it's cold" become "s cold" ("because it" comes before "because it's").
+IMG2LLM_LEADING_PHRASES: Final[tuple[tuple[str, ...], ...]] = (
+    ("because it be", "because it is", "because he is", "because he be"),
+    ("because she",),
+    ("because she be", "because she is"),
+    ("because they be",),
+    ("because they are",),
+    ("they be",),
+    ("they are",),
+    ("because of", "because it", "because he"),
+    ("because it's",),
+    ("it be", "it is", "he be", "he is"),
+    ("she be", "she is"),
+)
+IMG2LLM_NOT_LEMMATIZED_TAGS: Final = frozenset({"VBD", "VBN"})
 PICA_DROPPED_WORDS: Final = frozenset({"a", "an", "the", "to"})
 
-_FIRST_CUT: Final = re.compile(r"[.\n]")
-_DIGIT: Final = re.compile(r"\d")
 
+@runtime_checkable
+class OkvqaAnalyzer(Protocol):
+    """Tokens of an answer with their Penn Treebank tags and lemmas, for Img2LLM's OK-VQA step.
 
-def img2llm_answer(raw: str) -> str:
-    """Img2LLM's basic rule: the text before the first "." or newline, lowercased and stripped."""
-    return _FIRST_CUT.split(raw, maxsplit=1)[0].lower().strip()
-
-
-def img2llm_okvqa_answer(raw: str, lemmatize: Callable[[str], str] | None) -> str:
-    """Img2LLM's OK-VQA rule: the basic rule, then leading phrase, function words, lemmas (see module doc).
-
-    ``lemmatize`` maps one word to its lemma (a :class:`capvqa.eval.lemmatize.Lemmatizer`); None skips
-    lemmatisation.
+    ``analyze`` returns one ``(token, tag, lemma)`` per token, where ``lemma`` is what the token becomes
+    when it is lemmatised (the reference: WordNet's verb lemma, then the noun lemma of that); the rule
+    itself decides which tokens are lemmatised. ``name`` says which analyzer ran (recorded with answers).
     """
-    answer = img2llm_answer(raw)
-    for phrase in IMG2LLM_LEADING_PHRASES:
-        if answer.startswith(phrase):
-            answer = answer[len(phrase) :]
-            break
-    words = [w for w in answer.split() if w not in IMG2LLM_FUNCTION_WORDS]
-    if lemmatize is not None:
-        words = [w if _DIGIT.search(w) else lemmatize(w).strip() or w for w in words]
-    return " ".join(words)
+
+    name: str
+
+    def analyze(self, text: str) -> list[tuple[str, str, str]]: ...
+
+
+class WordLemmatizerAnalyzer:
+    """Adapts a one-word lemmatizer (``word -> lemma``) to :class:`OkvqaAnalyzer`: whitespace tokens, no
+    tags. A substitute for the reference's tokenizer and tagger; its name is the lemmatizer's."""
+
+    def __init__(self, lemmatize: Callable[[str], str], name: str | None = None):
+        self._lemmatize = lemmatize
+        self.name = name or str(getattr(lemmatize, "name", type(lemmatize).__qualname__))
+
+    def analyze(self, text: str) -> list[tuple[str, str, str]]:
+        return [(word, "", self._lemmatize(word).strip() or word) for word in text.split()]
+
+
+def as_analyzer(lemmatize: OkvqaAnalyzer | Callable[[str], str] | None) -> OkvqaAnalyzer | None:
+    """``lemmatize`` as an analyzer: analyzers pass through, a word lemmatizer is adapted, None stays."""
+    if lemmatize is None or isinstance(lemmatize, OkvqaAnalyzer):
+        return lemmatize
+    return WordLemmatizerAnalyzer(lemmatize)
+
+
+def first_cut(raw: str) -> tuple[str, bool]:
+    """The text before the first "." or line break, and whether there was one."""
+    positions = [p for p in (raw.find("."), raw.find("\n")) if p >= 0]
+    if not positions:
+        return raw, False
+    return raw[: min(positions)], True
+
+
+def okvqa_words(analysis: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Step 2 on analysed tokens: lemmatise unless digit-seen / "-ed" / VBD-VBN, then drop function words."""
+    words: list[str] = []
+    digit_seen = False
+    for token, tag, lemma in analysis:
+        digit_seen = digit_seen or any(ch.isdigit() for ch in token)
+        if not digit_seen and not token.endswith("ed") and tag not in IMG2LLM_NOT_LEMMATIZED_TAGS:
+            token = lemma
+        if token not in IMG2LLM_FUNCTION_WORDS:
+            words.append(token)
+    return words
+
+
+def strip_leading_phrases(text: str) -> str:
+    """``remove_useless_token``: each phrase group checked once, in order (see the module docstring)."""
+    for group in IMG2LLM_LEADING_PHRASES:
+        for phrase in group:
+            if text.startswith(phrase):
+                text = text[len(phrase) + 1 :]
+                break
+    return text
+
+
+def img2llm_answer(
+    raw: str,
+    *,
+    okvqa: bool = False,
+    analyzer: OkvqaAnalyzer | Callable[[str], str] | None = None,
+    stopped: bool = True,
+) -> str:
+    """Img2LLM's rule (module docstring). ``stopped``: whether ``raw`` was cut by the backend at a "." or
+    line break; it matters only when ``raw`` itself has neither. ``analyzer`` may also be a one-word
+    lemmatizer (adapted with whitespace tokens and no tags)."""
+    text, cut = first_cut(raw)
+    cut = cut or stopped
+    text = text.lower()
+    if okvqa and cut and text:
+        found = as_analyzer(analyzer)
+        if found is None:
+            text = " ".join(w for w in text.split() if w not in IMG2LLM_FUNCTION_WORDS)
+        else:
+            text = " ".join(okvqa_words(found.analyze(text)))
+    return strip_leading_phrases(text.lower()).strip()
 
 
 def pica_answer(raw: str) -> str:
@@ -74,12 +157,21 @@ def pica_answer(raw: str) -> str:
 
 
 def postprocess_answer(
-    raw: str, rule: str, *, okvqa: bool = False, lemmatize: Callable[[str], str] | None = None
+    raw: str,
+    rule: str,
+    *,
+    okvqa: bool = False,
+    lemmatize: OkvqaAnalyzer | Callable[[str], str] | None = None,
+    stopped: bool = True,
 ) -> str:
-    """Apply ``rule`` ("img2llm", "pica" or "none") to a raw completion; ``okvqa`` only with "img2llm"."""
+    """Apply ``rule`` ("img2llm", "pica" or "none") to a raw completion; ``okvqa`` only with "img2llm".
+
+    ``lemmatize`` is the OK-VQA analyzer (or a one-word lemmatizer); ``stopped`` as in
+    :func:`img2llm_answer`.
+    """
     check_rule(rule, okvqa)
     if rule == "img2llm":
-        return img2llm_okvqa_answer(raw, lemmatize) if okvqa else img2llm_answer(raw)
+        return img2llm_answer(raw, okvqa=okvqa, analyzer=lemmatize, stopped=stopped)
     if rule == "pica":
         return pica_answer(raw)
     return raw.strip()
@@ -97,7 +189,9 @@ def check_rule(rule: str, okvqa: bool) -> None:
 
 
 def postprocess_name(rule: str, okvqa: bool, lemmatizer_name: str | None = None) -> str:
-    """What ran, as recorded with every answer: "img2llm", "img2llm+okvqa(lemmatizer=rule)", "pica", ..."""
+    """What ran, as recorded with every answer: "img2llm", "pica", "img2llm+okvqa(lemmatizer=NAME)" where
+    NAME is the analyzer's (e.g. "nltk3.8.1-wordnet3.0" for the authors' NLTK procedure, "rule" for the
+    model-free substitute, "none" when nothing was lemmatised)."""
     if rule == "img2llm" and okvqa:
         return f"img2llm+okvqa(lemmatizer={lemmatizer_name or 'none'})"
     return rule
