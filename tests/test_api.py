@@ -197,3 +197,19 @@ def test_a_given_batch_size_reaches_the_stages_and_a_given_default_beats_a_saved
     assert saved["run"]["on_bad_image"] == "skip"
     Pipeline.from_yaml(out).run_with(RunSettings(on_bad_image="error"), out_dir=tmp_path / "again")
     assert yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())["run"]["on_bad_image"] == "error"
+
+
+def test_a_damaged_cache_stops_the_run_before_it_clears_the_previous_results(tmp_path, tiny_zoo):
+    from capvqa import Pipeline, open_dataset
+    from capvqa.engine.store import DB_FILENAME, CacheCorruptError
+
+    out, cache = tmp_path / "run", tmp_path / "c"
+    pipeline = Pipeline.from_yaml("pnp-vqa", FAST, models="tiny")
+    pipeline.run(open_dataset("sample", limit=1), out_dir=out, cache_dir=cache)
+    before = sorted(p.name for p in out.iterdir())
+    (cache / DB_FILENAME).write_bytes(b"this is not a database" * 100)
+    for companion in cache.glob(f"{DB_FILENAME}-*"):
+        companion.unlink()
+    with pytest.raises(CacheCorruptError):
+        pipeline.run(open_dataset("sample", limit=1), out_dir=out, cache_dir=cache)
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "metrics.json").is_file()

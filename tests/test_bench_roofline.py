@@ -161,6 +161,7 @@ def test_bench_roofline_counts_every_stage_without_touching_the_timings(tiny_zoo
     (["--peak-tflops", "5"], "add --roofline"),
     (["--roofline", "--peak-bandwidth-gbs", "0"], "--peak-bandwidth-gbs must be a positive number"),
 ])
+@pytest.mark.slow
 def test_peak_flags_are_checked_before_the_run(flags, message):
     done = subprocess.run([sys.executable, "-m", "capvqa", "bench", "pnp-vqa", "--models", "tiny", *flags],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})

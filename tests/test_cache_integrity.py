@@ -229,6 +229,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_cache_commands_work_on_a_damaged_database(tmp_path, damage):
     database = _fill(tmp_path)
@@ -264,6 +265,7 @@ def test_cache_commands_work_on_a_damaged_database(tmp_path, damage):
     assert CacheStore(tmp_path).usage() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "broken page"])
 def test_clear_deletes_a_database_too_damaged_to_clear(tmp_path, damage):
     database = _fill(tmp_path)

@@ -137,15 +137,16 @@ def test_a_config_file_cannot_restate_the_llm_budget_on_the_prompt(tmp_path):
 
 
 def test_pnp_and_img2llm_stage_configs_keep_their_cache_key_fields():
-    """The semantic config is what the cache key hashes: moving the budget to the LLM stage must leave the
-    shipped pipelines' prompt config (and so their cached prompts) as they were."""
+    """The semantic config is what the cache key hashes: the budget taken from the LLM stage is the same
+    values as before (the variant and exemplar slots changed on purpose, to the authors' prompt)."""
     from capvqa.engine.config import build_stage_config
     from capvqa.engine.stage import semantic_config
 
     spec = load_spec("img2llm")
     assert semantic_config(build_stage_config(spec, spec.stage("prompt"))) == {
-        "llm": "facebook/opt-6.7b", "revision": None, "variant": "paper", "num_context_captions": 30,
-        "max_answer_words": 5, "task": "vqav2", "context_length": None, "reserve_tokens": 10,
+        "llm": "facebook/opt-6.7b", "revision": None, "variant": "authors", "num_context_captions": 30,
+        "num_exemplar_slots": 30, "max_answer_words": 5, "task": "vqav2", "context_length": None,
+        "reserve_tokens": 10,
     }
 
 
@@ -206,7 +207,7 @@ def test_an_input_lacking_the_fields_a_stage_reads_is_rejected_at_load(tmp_path)
 
 
 def test_img2llm_prompt_must_read_the_captions_its_answers_point_into(tmp_path):
-    data = load_spec("img2llm").to_dict()
+    data = load_spec("img2llm-whole-image-filter").to_dict()  # it has a `captioning` stage to miswire
     data["stages"]["prompt"]["inputs"]["captions"] = "captioning"  # answers index caption_filter's list
     with pytest.raises(ConfigError, match=r"stage 'prompt'.*caption_filter"):
         load_spec(write_config(tmp_path, data))

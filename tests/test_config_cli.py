@@ -70,7 +70,7 @@ def test_validate_says_ok_with_a_summary(monkeypatch, capsys, nothing_loads):
 
 
 def test_validate_rejects_a_cross_stage_mismatch_before_any_model(monkeypatch, capsys, tmp_path, nothing_loads):
-    data = load_spec("img2llm").to_dict()
+    data = load_spec("img2llm-whole-image-filter").to_dict()
     data["stages"]["prompt"]["inputs"]["captions"] = "captioning"  # the answers index caption_filter's list
     path = tmp_path / "mismatch.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -11,7 +11,9 @@ import yaml
 from capvqa.data.datasets import open_dataset
 from capvqa.engine.pipeline import Pipeline
 
-SHARED = ["captioning.num_captions=8", "captioning.num_patches=6"]
+PNP = ["captioning.num_captions=8", "captioning.num_patches=6"]
+# Img2LLM samples its captions with PNP-VQA's settings inside its caption_filter stage (in-loop ITM filter)
+IMG2LLM = ["caption_filter.num_captions=8", "caption_filter.num_patches=6"]
 
 
 def records(out):
@@ -19,37 +21,73 @@ def records(out):
 
 
 @pytest.mark.slow
-def test_img2llm_reuses_pnp_vqa_matching_and_captioning(tmp_path, tiny_zoo):
-    data = open_dataset("sample", limit=4)
-    Pipeline.from_yaml("pnp-vqa", SHARED, models="tiny").run(data, cache_dir=tmp_path / "cache")
-    # the tiny ITM scores every caption just under 0.5: lower the threshold so every stage has input
-    result = Pipeline.from_yaml("img2llm", [*SHARED, "caption_filter.threshold=0.0"], models="tiny").run(
-        data, cache_dir=tmp_path / "cache", out_dir=tmp_path / "img2llm")
+def test_img2llm_shares_matching_with_pnp_vqa_and_filters_captions_in_the_loop(tmp_path, tiny_zoo):
+    data = open_dataset("sample", limit=3)
+    cache = tmp_path / "cache"
+    Pipeline.from_yaml("pnp-vqa", PNP, models="tiny").run(data, cache_dir=cache, out_dir=tmp_path / "pnp")
+    pnp_captions = {r["question_id"]: r["stages"]["captioning"]["captions"] for r in records(tmp_path / "pnp")}
+
+    # threshold 0 keeps every distinct candidate: exactly PNP-VQA's captions (same patch and token streams;
+    # 80 draws = PNP-VQA's 10 rounds of 8)
+    everything = [*IMG2LLM, "caption_filter.threshold=0.0", "caption_filter.max_draws=80"]
+    result = Pipeline.from_yaml("img2llm", everything, models="tiny").run(
+        data, cache_dir=cache, out_dir=tmp_path / "img2llm")
     stats = {s.name: s for s in result.stage_stats}
-    for shared in ("matching", "captioning"):
-        assert stats[shared].computed == 0 and stats[shared].cached == 4
-        assert stats[shared].setup_seconds == 0.0  # the model was never even loaded
-    assert all(stats[name].computed == 4 for name in ("caption_filter", "answer_extraction",
+    assert stats["matching"].computed == 0 and stats["matching"].cached == 3
+    assert stats["matching"].setup_seconds == 0.0  # the model was never even loaded
+    assert all(stats[name].computed == 3 for name in ("caption_filter", "answer_extraction",
                                                        "question_generation", "prompt", "llm"))
+    scores = {}
+    for record in records(tmp_path / "img2llm"):
+        captions = record["stages"]["caption_filter"]
+        assert captions["captions"] == pnp_captions[record["question_id"]]
+        assert captions["kept"] == len(captions["scores"]) == 8 and captions["passed"] == captions["draws"]
+        scores.update(zip(captions["captions"], captions["scores"]))
     first = records(tmp_path / "img2llm")[0]["stages"]
-    assert len(first["caption_filter"]["captions"]) == 8 and len(first["caption_filter"]["scores"]) == 8
     assert "yes" in first["answer_extraction"]["answers"]  # always added (docs/methods.md#answer-extraction)
     assert first["answer_extraction"]["extractor"] in ("rule",) or first["answer_extraction"]["extractor"].startswith("spacy")
     qa = first["question_generation"]
     assert len(qa["questions"]) == len(qa["answers"]) == len(first["answer_extraction"]["answers"])
     prompt = first["prompt"]["prompts"][0]
-    assert prompt.startswith("Please reason the answer of the questions according to the given contexts.\nContexts: ")
-    assert prompt.endswith("Question: what color is the suit?\nAnswer:")
-    # 8 captions x 30 answers overflow the tiny OPT's 512 positions: exemplars go first, and it is recorded
-    assert first["prompt"]["dropped_exemplars"] > 0 and first["prompt"]["num_tokens"] <= 512
+    assert prompt.startswith("Please reason the answer of the questions according to the given contexts.\nContexts:")
+    assert prompt.endswith("what color is the suit?\nAnswer:")
     assert first["llm"]["postprocess"].startswith("img2llm")
     config = (tmp_path / "img2llm" / "config.yaml").read_text()
     assert "task: vqav2" in config and "checkpoint: null" in config
 
+    # the tiny ITM is random (its P(match) barely varies): at the median score about half the candidates
+    # pass, so the loop refills; what it keeps passed the filter, and matching is still not recomputed
+    median = sorted(scores.values())[len(scores) // 2]
+    result = Pipeline.from_yaml("img2llm", [*IMG2LLM, f"caption_filter.threshold={median!r}",
+                                            "caption_filter.max_draws=40"], models="tiny").run(
+        data, cache_dir=cache, out_dir=tmp_path / "filtered")
+    assert {s.name: s.computed for s in result.stage_stats}["matching"] == 0
+    filtered = [r["stages"]["caption_filter"] for r in records(tmp_path / "filtered")]
+    for captions in filtered:
+        assert all(score >= median for score in captions["scores"])
+        assert captions["kept"] == len(captions["captions"]) <= captions["passed"] <= captions["draws"] <= 40
+        assert captions["kept"] == 8 or captions["draws"] == 40
+        for caption, score in zip(captions["captions"], captions["scores"]):
+            if caption in scores:  # drawn in the first rounds of both runs: the same score
+                assert score == pytest.approx(scores[caption], abs=1e-6)
+    assert any(captions["draws"] > 8 for captions in filtered)
+    assert any(captions["passed"] < captions["draws"] for captions in filtered)
+
+    # the whole-image filter stays selectable: PNP-VQA's matching and captions, all from the cache
+    result = Pipeline.from_yaml("img2llm-whole-image-filter", [*PNP, "caption_filter.threshold=0.0"],
+                                models="tiny").run(data, cache_dir=cache, out_dir=tmp_path / "whole")
+    stats = {s.name: s for s in result.stage_stats}
+    assert stats["matching"].computed == stats["captioning"].computed == 0
+    assert all(stats[name].computed == 3 for name in ("caption_filter", "answer_extraction",
+                                                       "question_generation", "prompt", "llm"))
+    for record in records(tmp_path / "whole"):
+        captions = record["stages"]["caption_filter"]
+        assert captions["captions"] == pnp_captions[record["question_id"]] and len(captions["all_scores"]) == 8
+
 
 def test_img2llm_prompt_keeps_exemplars_when_they_fit(tmp_path, tiny_zoo):
-    small = [*SHARED, "caption_filter.threshold=0.0", "answer_extraction.num_answers=2",
-             "question_generation.max_length=6", "prompt.num_context_captions=2"]
+    small = [*IMG2LLM, "caption_filter.threshold=0.0", "answer_extraction.num_answers=2",
+             "question_generation.max_length=6", "prompt.num_context_captions=2", "prompt.variant=paper"]
     Pipeline.from_yaml("img2llm", small, models="tiny").run(open_dataset("sample", limit=1),
                                                              cache_dir=tmp_path / "c", out_dir=tmp_path / "o")
     prompt_record = records(tmp_path / "o")[0]["stages"]["prompt"]
@@ -63,11 +101,15 @@ def test_img2llm_prompt_keeps_exemplars_when_they_fit(tmp_path, tiny_zoo):
 def test_img2llm_cli_on_sample(tmp_path, tiny_zoo):
     done = subprocess.run(
         [sys.executable, "-m", "capvqa", "run", "img2llm", "--dataset", "sample", "--models", "tiny", "--limit", "3",
-         "--quiet", "--set", "captioning.num_captions=4", "--cache-dir", str(tmp_path / "c"), "--out",
-         str(tmp_path / "run")],
+         "--quiet", "--set", "caption_filter.num_captions=4", "--set", "caption_filter.max_draws=8",
+         "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "run" / "predictions.json").read_text())) == 3
+    for record in records(tmp_path / "run"):  # the default threshold: few or no captions pass the tiny ITM
+        captions = record["stages"]["caption_filter"]
+        assert all(score >= 0.5 for score in captions["scores"])
+        assert captions["kept"] == 4 or captions["draws"] == 8
     assert (tmp_path / "run" / "report.html").is_file()
 
 

@@ -144,8 +144,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: malformed YAML{where}: {getattr(error, 'problem', error)}") from error
-    except OSError as error:
-        raise ConfigError(f"cannot read pipeline config {path}: {error}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read pipeline config {path}: {error} (a config is a UTF-8 YAML text file)") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a pipeline config must be a mapping with 'stages' and 'models'")
     return data
@@ -412,9 +412,16 @@ def _validate(data: dict[str, Any], origin: str) -> PipelineSpec:
                     f"{origin}: stage {name!r} input {input_name!r} reads {upstream!r}, which is not an "
                     f"earlier stage (earlier: {earlier})"
                 )
-        missing_inputs = sorted(set(stage_class.INPUTS) - set(inputs))
+        optional = tuple(getattr(stage_class, "OPTIONAL_INPUTS", ()) or ())
+        missing_inputs = sorted(set(stage_class.INPUTS) - set(optional) - set(inputs))
         if missing_inputs:
             raise ConfigError(f"{origin}: stage {name!r} ({node['type']}) needs inputs {missing_inputs}")
+        unread = sorted(set(inputs) - set(stage_class.INPUTS) - set(optional))
+        if unread:  # a misspelt input would otherwise be found only when the stage runs
+            raise ConfigError(
+                f"{origin}: stage {name!r} ({node['type']}) reads no input {unread}; its inputs: "
+                f"{sorted({*stage_class.INPUTS, *optional})}"
+            )
         config_fields = {f.name for f in dataclasses.fields(stage_class.Config)} - set(roles)
         unknown = sorted(set(params) - config_fields)
         if unknown:

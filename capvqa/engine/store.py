@@ -223,10 +223,12 @@ class CacheStore:
         return connection
 
     def check_readable(self) -> None:
-        """Open the database now (creating it when missing): a file that is not a database, or whose
-        schema pages are damaged, raises :class:`CacheCorruptError` here, before a run starts, rather than
-        at its first lookup. Damage deeper in the file shows when the damaged entries are read."""
-        self._connect()
+        """Open an existing database now: a file that is not a database, or whose schema pages are
+        damaged, raises :class:`CacheCorruptError` here, before a run starts (and touches its run folder),
+        rather than at its first lookup. Damage deeper in the file shows when the damaged entries are read.
+        A missing database is left to be created by the first write."""
+        if self.path.exists():
+            self._connect()
 
     def close(self) -> None:
         if self._connection is not None and self._pid == os.getpid():
