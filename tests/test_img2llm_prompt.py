@@ -263,7 +263,8 @@ GOLDEN_ITEMS = [(case, index) for case in GOLDENS["cases"] for index in range(le
 def authors_parts(item, next_item, task="vqav2", **options):
     return build_prompt_parts(item["question"], item["captions"], item["answers"], item["answer_captions"],
                               item["questions"], item["answers"], variant="authors", dataset=task,
-                              next_qa_questions=None if next_item is None else next_item["questions"], **options)
+                              next_qa_questions=None if next_item is None else next_item["questions"],
+                              next_qa_answers=None if next_item is None else next_item["answers"], **options)
 
 
 @pytest.mark.parametrize(("case", "index"), GOLDEN_ITEMS,
@@ -405,3 +406,14 @@ def test_the_prompt_must_read_the_answers_its_questions_were_generated_for(tmp_p
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     with pytest.raises(ConfigError, match=r"stage 'prompt'.*generated for the answers of stage 'answer_extraction'"):
         load_spec(path)
+
+
+def test_the_yes_pair_is_last_as_lavis_hands_the_pairs_to_the_script():
+    """LAVIS appends "yes." after the top answers even when "yes" is among them, so the script's last
+    question is the yes-question; capvqa keeps one "yes" and repeats its pair last."""
+    from capvqa.stages.img2llm_prompt import lavis_pairs
+
+    assert lavis_pairs(["q sign", "q yes", "q dog"], ["sign", "yes", "dog"]) == (
+        ["q sign", "q yes", "q dog", "q yes"], ["sign", "yes", "dog", "yes"])
+    assert lavis_pairs(["q dog", "q yes"], ["dog", "yes"]) == (["q dog", "q yes"], ["dog", "yes"])
+    assert lavis_pairs([], []) == ([], [])

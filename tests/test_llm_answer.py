@@ -705,3 +705,23 @@ def test_model_fingerprint_accepts_an_api_model_name():
     stage = LLMAnswerer(config)
     bound = BoundStage.create("answer", stage, {"prompt": "prompt"})
     assert len(bound.fingerprint) == 64
+
+
+def test_picas_answer_cache_key_is_unchanged_and_img2llms_moved_on_purpose():
+    """Img2LLM's answer rules changed (version 2); PICa's did not, so its cached answers (API answers
+    cost money) must keep their keys: the stage's version and semantic config as before that change."""
+    from capvqa.engine.config import build_stage_config, load_spec
+    from capvqa.engine.stage import semantic_config
+    from capvqa.stages.llm_answer import LLMAnswerer
+
+    expected = {"pica": "facebook/opt-6.7b", "pica-api": "davinci-002"}
+    for name, model in expected.items():
+        spec = load_spec(name)
+        stage = LLMAnswerer(build_stage_config(spec, spec.stage("llm")))
+        assert stage.VERSION == "1"
+        assert semantic_config(stage.config) == {
+            "model": model, "revision": None, "backend": "openai" if name == "pica-api" else "auto",
+            "max_new_tokens": 5, "stop": ("\n",), "postprocess": "pica", "task": "vqav2", "lemmatizer": "auto",
+            "context_length": None, "base_url": "https://api.openai.com/v1", "api_model": None}
+    spec = load_spec("img2llm")
+    assert LLMAnswerer(build_stage_config(spec, spec.stage("llm"))).VERSION == "2"

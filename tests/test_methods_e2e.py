@@ -106,7 +106,7 @@ def test_img2llm_cli_on_sample(tmp_path, tiny_zoo):
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "run" / "predictions.json").read_text())) == 3
-    for record in records(tmp_path / "run"):  # the default threshold: few or no captions pass the tiny ITM
+    for record in records(tmp_path / "run"):  # the default threshold 0.5: kept captions all pass it
         captions = record["stages"]["caption_filter"]
         assert all(score >= 0.5 for score in captions["scores"])
         assert captions["kept"] == 4 or captions["draws"] == 8

@@ -75,7 +75,8 @@ class Stage(Protocol):
     Class attributes:
 
     - ``NAME``: the cache namespace, shared by every pipeline that uses the stage;
-    - ``VERSION``: bump to invalidate old cache entries on purpose;
+    - ``VERSION``: bump to invalidate old cache entries on purpose (an instance may set its own when
+      only some configurations changed, as the LLM stage does for Img2LLM's answer rules);
     - ``INPUTS``: names of the upstream results ``run`` reads from ``StageInput.upstream``;
     - ``MODEL_FIELDS``: config fields that hold model ids (their resolved revisions enter the cache key);
     - ``Config``: a *frozen* dataclass of every setting; its semantic fields form the cache key, so it

