@@ -227,10 +227,12 @@ def test_skipped_items_are_passed_over(config_path, tmp_path):
         assert sorted(s.question_id for s in result.skipped) == [3, 4]
 
 
-def test_duplicate_question_ids_are_refused(config_path, tmp_path):
+def test_duplicate_question_ids_are_refused_before_any_stage_runs(config_path, tmp_path):
     data = items([1, 2]) + items([1])
     with pytest.raises(DataError, match="question id 1 occurs twice"):
         run(config_path, data, tmp_path / "c")
+    with closing(CacheStore(tmp_path / "c")) as store:
+        assert store.usage() == []  # the stage before the neighbour reader did not run either
 
 
 def test_shards_see_the_neighbours_of_the_whole_run(config_path, tmp_path):

@@ -209,6 +209,8 @@ class Pipeline:
                 runtime = replace(runtime, cache_dir=store.directory)
             runner = PipelineRunner(self.build_stages(spec, runtime), store, runtime, progress,
                                     on_bad_image=settings.on_bad_image)
+            if isinstance(items, list) and any(bound.neighbour_inputs for bound in runner.stages):
+                _check_unique_question_ids(items)  # loaders refuse duplicates; a caller's own list may not
             out = Path(out_dir) if out_dir is not None and distributed.is_main else None
             if out is not None:
                 self._start_run_folder(out, spec, settings, runtime)
@@ -344,6 +346,19 @@ def _with_batch_size(spec: PipelineSpec, batch_size: int, explicit: Iterable[str
     spec = replace(spec, stages=stages)
     check_stages_together(spec)
     return spec
+
+
+def _check_unique_question_ids(items: list[VQAItem]) -> None:
+    """A stage reading the next item's results needs each question id once; say so before any stage runs
+    rather than when that stage starts."""
+    seen: set[str] = set()
+    for item in items:
+        key = str(item.question_id)
+        if key in seen:
+            raise DataError(
+                f"question id {item.question_id} occurs twice in the run's items; a stage that reads the next "
+                "item's results needs unique question ids: remove or renumber the duplicate")
+        seen.add(key)
 
 
 @contextmanager
