@@ -34,6 +34,12 @@ class SampledDecoding:
     min_length: int
     max_length: int
 
+    @classmethod
+    def of(cls, config: Any) -> SampledDecoding:
+        """The decoding settings a captioning stage's config holds under these field names."""
+        return cls(top_k=config.top_k, top_p=config.top_p, repetition_penalty=config.repetition_penalty,
+                   min_length=config.min_length, max_length=config.max_length)
+
 
 @dataclass(frozen=True)
 class PatchDecoding:

@@ -80,11 +80,6 @@ class FilteredPatchCaptioningConfig:
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be a number, got {self.threshold!r}")
 
-    @property
-    def decoding(self) -> SampledDecoding:
-        return SampledDecoding(top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                               min_length=self.min_length, max_length=self.max_length)
-
 
 @dataclass(frozen=True)
 class FilteredPatchCaptions:
@@ -148,7 +143,7 @@ class FilteredPatchCaptioning:
             for i, (_, count) in plan.items():
                 rounds[i] += 1
                 draws[i] += count
-            for start, chunk in decode_patch_rows(self._captioner, image_embeds, image_index, rows, cfg.decoding,
+            for start, chunk in decode_patch_rows(self._captioner, image_embeds, image_index, rows, SampledDecoding.of(cfg),
                                                   cfg.max_rows_per_generate):
                 probabilities = self.match_probabilities(chunk)
                 for offset, (caption, probability) in enumerate(zip(chunk.texts, probabilities)):

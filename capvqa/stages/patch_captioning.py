@@ -131,11 +131,6 @@ class PatchCaptioningConfig:
         if not 0 <= self.min_length <= self.max_length:
             raise ValueError(f"captioning: need min_length <= max_length, got {self.min_length} > {self.max_length}")
 
-    @property
-    def decoding(self) -> SampledDecoding:
-        return SampledDecoding(top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
-                               min_length=self.min_length, max_length=self.max_length)
-
 
 @dataclass(frozen=True)
 class Captions:
@@ -192,7 +187,7 @@ class PatchCaptioning:
                 rounds[i] += 1
                 draws[i] += cfg.num_captions
             texts = [text for _, chunk in decode_patch_rows(self._captioner, image_embeds, image_index, rows,
-                                                             cfg.decoding, cfg.max_rows_per_generate)
+                                                             SampledDecoding.of(cfg), cfg.max_rows_per_generate)
                      for text in chunk.texts]
             for i, caption in zip(rows.item, texts):
                 if len(kept[i]) < cfg.num_captions and is_new_caption(caption, kept[i]):
