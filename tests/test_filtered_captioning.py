@@ -11,16 +11,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from caption_inputs import relevance_inputs
 from PIL import Image
 
-from capvqa.data.items import ImageRef, VQAItem
 from capvqa.engine.config import load_raw_config, load_spec
-from capvqa.engine.stage import StageInput
 from capvqa.errors import ConfigError
 from capvqa.models.blip_itm import itm_inputs_from_decoder_ids
 from capvqa.stages import filtered_patch_captioning as fpc
 from capvqa.stages.filtered_patch_captioning import FilteredPatchCaptioning, admit_caption
-from capvqa.stages.gradcam_matching import PatchRelevance
 from capvqa.stages.patch_captioning import PatchCaptioning
 
 # --------------------------------------------------------------------------------------------------
@@ -95,20 +93,7 @@ def configured(stage, **changes):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, stage):
-    folder = tmp_path_factory.mktemp("filtered")
-    rng = np.random.default_rng(0)
-    entries = []
-    patches = stage._captioner.num_image_patches
-    for i in range(4):
-        path = folder / f"img{i % 2}.png"
-        if not path.exists():
-            Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(path)
-        relevance = PatchRelevance(relevance=rng.random(patches).astype(np.float32), grid=[4, 4],
-                                   matching_text="q", match_logit=0.0)
-        item = VQAItem(question_id=i, image_id=i % 2, question=f"question {i}?", image=ImageRef(path=path))
-        entries.append(StageInput(item=item, item_key=f"item-{i}", image_hash=f"img{i % 2}",
-                                  upstream={"relevance": relevance}))
-    return entries
+    return relevance_inputs(tmp_path_factory.mktemp("filtered"), stage._captioner.num_image_patches)
 
 
 @pytest.fixture(scope="module")

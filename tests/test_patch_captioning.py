@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-from PIL import Image
+from caption_inputs import relevance_inputs
 
-from capvqa.data.items import ImageRef, VQAItem
-from capvqa.engine.stage import StageInput
 from capvqa.stages.gradcam_matching import PatchRelevance
 
 
@@ -20,19 +18,7 @@ def captioner(tiny_zoo, cpu_runtime):
 
 @pytest.fixture()
 def inputs(tmp_path, captioner):
-    rng = np.random.default_rng(0)
-    entries = []
-    patches = captioner._captioner.num_image_patches
-    for i in range(4):
-        path = tmp_path / f"img{i % 2}.png"
-        if not path.exists():
-            Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(path)
-        relevance = PatchRelevance(relevance=rng.random(patches).astype(np.float32), grid=[4, 4],
-                                   matching_text="q", match_logit=0.0)
-        item = VQAItem(question_id=i, image_id=i % 2, question=f"question {i}?", image=ImageRef(path=path))
-        entries.append(StageInput(item=item, item_key=f"item-{i}", image_hash=f"img{i % 2}",
-                                  upstream={"relevance": relevance}))
-    return entries
+    return relevance_inputs(tmp_path, captioner._captioner.num_image_patches)
 
 
 def test_fills_distinct_captions(captioner, inputs):
