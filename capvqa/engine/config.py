@@ -270,13 +270,18 @@ def _reader_sources(name: str, nodes: dict[str, Any]) -> dict[str, str]:
     for reader, reader_node in nodes.items():
         if not links or not isinstance(reader_node, dict) or "type" not in reader_node:
             continue  # a stage without a type is reported where it is validated
-        if name not in [str(v) for v in (reader_node.get("inputs") or {}).values()]:
-            continue
-        reader_fields = {f.name for f in dataclasses.fields(resolve_stage_type(str(reader_node.get("type", ""))).Config)}
-        if set(links.values()) <= reader_fields:
+        inputs = [str(v) for v in (reader_node.get("inputs") or {}).values()]
+        if _states_consumer_fields(links, name, inputs, resolve_stage_type(str(reader_node.get("type", "")))):
             for own, theirs in links.items():
                 sources.setdefault(own, f"{reader}.{theirs}")
     return sources
+
+
+def _states_consumer_fields(links: dict[str, str], source: str, reader_inputs: Any, reader_class: type) -> bool:
+    """Whether a stage (its inputs' sources, its class) states ``source``'s ``CONSUMER_FIELDS`` ``links``:
+    it reads ``source``'s output and its config has every linked field."""
+    return (bool(links) and source in reader_inputs
+            and set(links.values()) <= {f.name for f in dataclasses.fields(reader_class.Config)})
 
 
 def _refuse_restated(name: str, param: str, nodes: dict[str, Any]) -> None:
@@ -578,10 +583,7 @@ def _settings_from_readers(spec: PipelineSpec, stage: StageSpec, stage_class: ty
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for reader in spec.stages:
-        if not links or stage.name not in reader.inputs.values():
-            continue
-        reader_class = resolve_stage_type(reader.type)
-        if not set(links.values()) <= {f.name for f in dataclasses.fields(reader_class.Config)}:
+        if not _states_consumer_fields(links, stage.name, reader.inputs.values(), resolve_stage_type(reader.type)):
             continue
         reader_config = build_stage_config(spec, reader)
         for own, theirs in links.items():
