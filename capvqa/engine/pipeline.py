@@ -43,15 +43,13 @@ from capvqa.engine.config import (
 from capvqa.engine.distributed import DistributedContext, Shard
 from capvqa.engine.host_memory import host_allocator
 from capvqa.engine.registry import resolve_stage_type
-from capvqa.engine.run_folder import COMPLETE, FAILED, start_run_folder, write_status
+from capvqa.engine.run_folder import COMPLETE, FAILED, INTERRUPTED, start_run_folder, write_status
 from capvqa.engine.run_settings import RunSettings, check_batch_size
 from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats, merge_rank_stats
 from capvqa.engine.runtime import Runtime, make_runtime
 from capvqa.engine.stage import DatasetContext
 from capvqa.engine.store import CacheStore
 from capvqa.errors import DataError
-
-INTERRUPTED = "interrupted"
 
 
 @dataclass

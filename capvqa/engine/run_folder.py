@@ -22,7 +22,7 @@ STATUS_FILE = "status.json"
 #: Every file a run (and its report) writes into its folder.
 RUN_FILES = ("config.yaml", "predictions.json", "records.jsonl", "metrics.json", "timings.json", "skipped.json",
              "report.html", "report.md", STATUS_FILE)
-RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
 
 
 def start_run_folder(out: Path) -> None:
