@@ -1,4 +1,5 @@
-"""``capvqa cache info|check|clear``: what the stage cache holds, whether it is intact, and removing it.
+"""``capvqa cache info|check|clear|export|merge``: what the stage cache holds, whether it is intact,
+removing it, and moving results between machines (capvqa/engine/cache_transfer.py says how).
 
 Every command works on a damaged database too: ``info`` says it is damaged (exit status 1), ``check``
 says what is wrong and ``--repair`` fixes it, ``clear`` deletes a file too damaged to clear entry by entry.
@@ -144,6 +145,57 @@ def clear(
         f"the cache database was damaged; deleted it ({', '.join(str(p) for p in deleted) or 'nothing left'}). "
         "The next run starts an empty cache."
     )
+
+
+@app.command("export")
+def export(
+    file: Annotated[Path, typer.Argument(help="The export file to write (must not exist).")],
+    stage: Annotated[str | None, typer.Option(help="Only this stage (as listed by `capvqa cache info`).")] = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Write the cache's verified entries (all, or one stage's) into one portable file, for
+    `capvqa cache merge` on another machine."""
+    from capvqa.engine.cache_transfer import export_cache
+    from capvqa.engine.store import CacheStore
+
+    store = CacheStore(cache_dir)
+    report = export_cache(store, file, stage)
+    stages = ", ".join(f"{name} {count}" for name, count in sorted(report.per_stage.items())) or "none"
+    print_text(f"exported {report.entries} entries ({human_size(report.nbytes)}; {stages}) from {store.path} to {file}")
+    if report.damaged:
+        print_text(f"left out {report.damaged} damaged entries (they failed verification; "
+                   f"`capvqa cache check --repair --cache-dir {shlex.quote(str(store.directory))}` removes them)")
+
+
+@app.command("merge")
+def merge(
+    sources: Annotated[list[Path], typer.Argument(help="Export files, cache databases or cache directories to merge in.")],
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Add the entries of other caches or export files to this cache: a union of content-keyed
+    results. An entry present on both sides with different bytes is a conflict: this cache's entry is
+    kept, the conflicts are listed and the exit status is 1."""
+    from capvqa.engine.cache_transfer import merge_caches
+    from capvqa.engine.store import CacheStore
+
+    store = CacheStore(cache_dir)
+    report = merge_caches(store, sources)
+    added = ", ".join(f"{name} {count}" for name, count in sorted(report.added_per_stage.items()))
+    print_text(f"merged {len(report.sources)} source(s) into {store.path}: added {report.added} entries"
+               + (f" ({added})" if added else "") + f", {report.identical} already present")
+    if report.replaced_damaged:
+        print_text(f"replaced {report.replaced_damaged} damaged entries of this cache with intact copies")
+    if report.damaged:
+        print_text(f"skipped {report.damaged} damaged entries of the sources (they failed verification)")
+    if report.conflicts:
+        print_text(f"{report.conflicts} conflicts: the same key with different bytes; this cache's entries were kept")
+        for conflict in report.conflict_examples:
+            print_text(f"  {conflict.stage} {conflict.key} (from {conflict.source})")
+        if report.conflicts > len(report.conflict_examples):
+            print_text(f"  ... and {report.conflicts - len(report.conflict_examples)} more")
+        print_text("to take the other side's results instead, `capvqa cache clear --stage NAME` here first, "
+                   "then merge again")
+        raise typer.Exit(1)
 
 
 _POOL_STAGE = "pica_example_selection"

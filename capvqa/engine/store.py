@@ -265,6 +265,15 @@ class CacheStore:
                         pass  # the original error says more
                 raise
 
+    @contextmanager
+    def write_transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One immediate (write-locked) transaction on the database, committed on success and rolled
+        back on any error; SQLite errors become user errors naming the file (``action`` says what was
+        being done, e.g. "merging into")."""
+        connection = self._connect()
+        with self._transaction(connection, action):
+            yield connection
+
     # -- entries --------------------------------------------------------------------------------
     def existing_keys(self, keys: Sequence[str]) -> set[str]:
         """The subset of ``keys`` that has an intact committed entry.
