@@ -1,17 +1,17 @@
 """Data-parallel runs under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK).
 
 Each rank runs every stage on its shard of the items (item i goes to rank i mod world size, a
-deterministic split), writing into the one shared cache. Since an item's result depends only on (seed,
+deterministic split), writing into its node's cache. Since an item's result depends only on (seed,
 item, config), the union equals a single-process run -- up to floating-point rounding: a rank batches an
 item with other items than a single process does, so its float results (relevance maps, logits) may
 differ in the last bits (within 1e-5 relative, tested), and rarely a sampled patch set or caption token
 follows (rates in :mod:`capvqa.ops.patch_sampling` and :mod:`capvqa.ops.seeded_sampling`). When all
-ranks are done, rank 0 reads every result back from the cache, evaluates and writes the run folder; other
-ranks write nothing.
+ranks are done, the other nodes send their results to rank 0 over the process group
+(:mod:`capvqa.engine.result_exchange`), which reads every result back from its cache, evaluates and
+writes the run folder; other ranks write nothing.
 
-Ranks on one machine share a local cache directory. Across machines the cache directory must be on a
-filesystem with working POSIX locks (SQLite's requirement), or run each node on its own cache and
-merge by rerunning on one node (every finished item is then a cache hit).
+Ranks on one machine share a local cache directory; each machine keeps its own (nothing but the network
+torchrun uses is shared). A node killed mid-run resumes from its own cache when the job is restarted.
 """
 
 from __future__ import annotations
@@ -79,6 +79,16 @@ class DistributedContext:
 
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
+        return gathered
+
+    def gather_to_main(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` on rank 0 (``None`` elsewhere): one copy travels, not one per rank."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
         return gathered
 
     def shutdown(self) -> None:

@@ -43,6 +43,7 @@ from capvqa.engine.config import (
 from capvqa.engine.distributed import DistributedContext, Shard
 from capvqa.engine.host_memory import host_allocator
 from capvqa.engine.registry import resolve_stage_type
+from capvqa.engine.result_exchange import fetch_neighbour_inputs, send_results_to_main
 from capvqa.engine.run_folder import COMPLETE, FAILED, INTERRUPTED, start_run_folder, write_status
 from capvqa.engine.run_settings import RunSettings, check_batch_size
 from capvqa.engine.runner import BoundStage, PipelineRunner, ProgressFactory, StageStats, merge_rank_stats
@@ -250,17 +251,22 @@ class Pipeline:
         total = len(work) if hasattr(work, "__len__") else None  # type: ignore[arg-type]
         stats = []
         for bound in runner.stages:
+            mapped = False
             if bound.neighbour_inputs and distributed.active:
                 distributed.barrier()
                 for skipped in distributed.gather(list(runner.skipped.values())):
                     runner.skipped.update({str(s.question_id): s for s in skipped})
-            stats.append(runner.run_stage(bound, work, total, dataset=items))
+                runner.map_neighbours(bound, items)
+                fetch_neighbour_inputs(runner, bound, work, distributed)  # the next item may be another node's
+                mapped = True
+            stats.append(runner.run_stage(bound, work, total, dataset=items, neighbours_mapped=mapped))
         if not distributed.active:
             return stats
         per_rank = distributed.gather((stats, list(runner.skipped.values())))
-        distributed.barrier()  # rank 0 reads all results back only after every rank wrote them
         for _, skipped in per_rank:
             runner.skipped.update({str(s.question_id): s for s in skipped})
+        send_results_to_main(runner, work, distributed)  # nodes with caches of their own send to rank 0
+        distributed.barrier()  # rank 0 reads all results back only after every rank wrote them
         return merge_rank_stats([rank_stats for rank_stats, _ in per_rank])
 
     @staticmethod

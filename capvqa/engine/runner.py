@@ -230,12 +230,22 @@ class ImageHasher:
     def __init__(self, store: CacheStore) -> None:
         self.store = store
         self._recent: dict[str, str] = {}
+        self._seeded: dict[str, str] = {}  # by question id: hashes another rank computed
+
+    def seed(self, hashes: dict[str, str]) -> None:
+        """Take these image hashes (by question id) as computed: rank 0 keys the items other nodes ran
+        by the hashes those nodes sent with their results, instead of reading every image again
+        (:mod:`capvqa.engine.result_exchange`)."""
+        self._seeded.update(hashes)
 
     def __call__(self, item: VQAItem) -> str:
         import stat
 
         from capvqa.data.images import image_content_hash
 
+        seeded = self._seeded.get(str(item.question_id))
+        if seeded is not None:
+            return seeded
         ref = item.image
         if ref.data is not None:
             return sha256_hex(ref.data)
@@ -374,6 +384,9 @@ class PipelineRunner:
             self.skipped[key] = SkippedItem(question_id=item.question_id, image_id=item.image_id, stage=stage,
                                             reason=str(error))
 
+    def stage_named(self, name: str) -> BoundStage:
+        return self._by_name[name]
+
     def keyed_window(self, window: list[VQAItem]) -> list[KeyedItem]:
         """Keys of every item not skipped; a missing image is caught here (it cannot be hashed)."""
         keyed = []
@@ -442,17 +455,22 @@ class PipelineRunner:
             item_keys.append(item_fingerprint(image_hash, item.question))
         return NeighbourRing(question_ids, item_keys, position)
 
+    def map_neighbours(self, bound: BoundStage, dataset: Iterable[VQAItem]) -> None:
+        """Map ``bound``'s neighbours over the run's whole item sequence (the items not skipped so far)."""
+        self._rings[bound.name] = self.neighbour_ring(dataset)
+
     def run_stage(
         self, bound: BoundStage, items: Iterable[VQAItem], total: int | None = None, *,
-        dataset: Iterable[VQAItem] | None = None,
+        dataset: Iterable[VQAItem] | None = None, neighbours_mapped: bool = False,
     ) -> StageStats:
         """Run one stage over ``items`` (this process's share). ``dataset`` is the run's whole item
         sequence when ``items`` is a shard of it: a stage reading neighbours maps them over it (default:
-        ``items``)."""
+        ``items``), unless the caller did so already (``neighbours_mapped``, after
+        :meth:`map_neighbours`)."""
         stage = bound.stage
         stats = StageStats(name=bound.name, stage_type=f"{stage.NAME}@{stage.VERSION}")
-        if bound.neighbour_inputs:
-            self._rings[bound.name] = self.neighbour_ring(dataset if dataset is not None else items)
+        if bound.neighbour_inputs and not neighbours_mapped:
+            self.map_neighbours(bound, dataset if dataset is not None else items)
         batch_size = max(1, int(getattr(stage.config, "batch_size", 8)))
         started = time.perf_counter()
         ready = False

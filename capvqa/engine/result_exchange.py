@@ -1,0 +1,136 @@
+"""Stage results crossing ranks over the process group, so a multi-node run shares nothing but the
+network ``torchrun`` already uses.
+
+Each node keeps its own local cache (SQLite on a network filesystem is a known source of corruption, so
+capvqa never needs one). Results move at two points, both collectives every rank enters:
+
+- :func:`fetch_neighbour_inputs`, before a stage that reads the next item's results (Img2LLM's prompt):
+  the next item usually belongs to another rank, so each rank asks for the neighbour inputs its cache
+  lacks and the ranks holding them send them (pull: only missing entries travel).
+- :func:`send_results_to_main`, after the last stage: every rank whose cache is not rank 0's sends its
+  shard's entries of every stage, with the items' image hashes, to rank 0 (push, in rounds of
+  :data:`ROUND_ITEMS` items so memory stays flat). Rank 0 stores them in its own cache -- so a rerun on
+  node 0 alone finds every result -- and keys the other nodes' items by the hashes they sent instead of
+  reading their images again; then it evaluates and writes the run folder as in a one-process run.
+
+Ranks that share rank 0's cache (same host, same database path) send nothing. Entries are content-keyed,
+so an entry already present is kept (``INSERT OR IGNORE``). Every node must hold the same data: rank 0
+trusts the image hashes the others computed for the items they ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from capvqa.data.items import VQAItem
+from capvqa.engine.distributed import DistributedContext
+from capvqa.engine.runner import windows
+
+if TYPE_CHECKING:
+    from capvqa.engine.runner import BoundStage, PipelineRunner
+
+log = logging.getLogger(__name__)
+
+#: Items per round of :func:`send_results_to_main` (a round carries every stage's entries of these).
+ROUND_ITEMS = 128
+#: Keys per round of :func:`fetch_neighbour_inputs`.
+ROUND_KEYS = 256
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one rank sent and received in one exchange (for the log and the tests)."""
+
+    sent_entries: int = 0
+    received_entries: int = 0
+    rounds: int = 0
+
+
+def cache_identity(runner: PipelineRunner) -> tuple[str, str]:
+    """(host, resolved database path): ranks with equal identities share one cache."""
+    return socket.gethostname(), os.path.realpath(runner.store.path)
+
+
+def send_results_to_main(
+    runner: PipelineRunner, shard: Iterable[VQAItem], distributed: DistributedContext
+) -> TransferStats:
+    """Collective: rank 0's cache receives every stage's results of the other ranks' items (see the
+    module docstring). Call after every stage has run and the skipped items are merged."""
+    identities = distributed.gather(cache_identity(runner))
+    sends = not distributed.is_main and identities[distributed.rank] != identities[0]
+    counts = distributed.gather(len(shard) if sends else 0)  # type: ignore[arg-type]
+    rounds = math.ceil(max(counts) / ROUND_ITEMS) if counts else 0
+    own_windows = windows(shard, ROUND_ITEMS) if sends else iter(())
+    sent = received = 0
+    for _ in range(rounds):
+        payload = _result_payload(runner, next(own_windows, []))
+        sent += len(payload[1])
+        for hashes, entries in distributed.gather_to_main(payload) or ():
+            runner.hasher.seed(hashes)
+            received += _store_entries(runner, entries)
+    if rounds:
+        log.info("rank %d: results exchange with rank 0 in %d rounds (sent %d, received %d entries)",
+                 distributed.rank, rounds, sent, received)
+    return TransferStats(sent_entries=sent, received_entries=received, rounds=rounds)
+
+
+def fetch_neighbour_inputs(
+    runner: PipelineRunner, bound: BoundStage, shard: Iterable[VQAItem], distributed: DistributedContext
+) -> TransferStats:
+    """Collective: each rank receives the neighbour inputs of ``bound`` for its shard that its cache lacks,
+    from the ranks that hold them. Call after ``bound``'s neighbour ring is mapped
+    (:meth:`PipelineRunner.map_neighbours`)."""
+    needed: dict[str, str] = {}  # key -> stage NAME it is stored under
+    for window in windows(shard, ROUND_KEYS):
+        for keyed in runner.keyed_window(window):
+            for input_name, key in keyed.neighbour_keys.get(bound.name, {}).items():
+                needed[key] = runner.stage_named(bound.inputs[input_name]).stage.NAME
+    present = runner.store.existing_keys(list(needed))
+    missing = sorted(set(needed) - present)
+    requested = sorted(set().union(*distributed.gather(missing)))
+    wanted = set(missing)
+    sent = received = 0
+    rounds = math.ceil(len(requested) / ROUND_KEYS)
+    for start in range(0, len(requested), ROUND_KEYS):
+        chunk = [key for key in requested[start : start + ROUND_KEYS] if key not in wanted]
+        held = runner.store.get_many(chunk) if chunk else {}
+        sent += len(held)
+        offers = distributed.gather([(key, header, arrays) for key, (header, arrays) in held.items()])
+        mine = {key: (header, arrays) for offer in offers for key, header, arrays in offer if key in wanted}
+        by_stage: dict[str, list[tuple[str, bytes, bytes | None]]] = {}
+        for key, (header, arrays) in mine.items():
+            by_stage.setdefault(needed[key], []).append((key, header, arrays))
+        for name, entries in by_stage.items():
+            received += runner.store.put_many(name, entries)
+        wanted -= set(mine)
+    if missing:
+        log.info("rank %d: %d neighbour inputs of %s fetched from other ranks (%d still missing)",
+                 distributed.rank, received, bound.name, len(wanted))
+    return TransferStats(sent_entries=sent, received_entries=received, rounds=rounds)
+
+
+def _result_payload(
+    runner: PipelineRunner, window: list[VQAItem]
+) -> tuple[dict[str, str], list[tuple[str, str, bytes, bytes | None]]]:
+    """({question id: image hash}, [(stage NAME, key, header, arrays)]) of the window's items that were
+    not skipped."""
+    keyed = runner.keyed_window(window)
+    hashes = {str(k.item.question_id): k.image_hash for k in keyed}
+    names = {bound.name: bound.stage.NAME for bound in runner.stages}
+    wanted = {k.keys[stage]: names[stage] for k in keyed for stage in names if stage in k.keys}
+    found = runner.store.get_many(list(wanted))
+    return hashes, [(wanted[key], key, header, arrays) for key, (header, arrays) in found.items()]
+
+
+def _store_entries(runner: PipelineRunner, entries: list[tuple[str, str, bytes, bytes | None]]) -> int:
+    by_stage: dict[str, list[tuple[str, bytes, bytes | None]]] = {}
+    for name, key, header, arrays in entries:
+        by_stage.setdefault(name, []).append((key, header, arrays))
+    return sum(runner.store.put_many(name, rows) for name, rows in by_stage.items())
+
