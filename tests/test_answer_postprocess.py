@@ -1,8 +1,7 @@
 """The answer post-processing rules of Img2LLM and PICa (docs/methods.md#llm-and-answer-post-processing,
-docs/methods.md#decoding-ensemble-and-post-processing), checked against answers made by the Img2LLM
-authors' own code (tests/goldens/make_img2llm_postprocess_goldens.py)."""
+docs/methods.md#decoding-ensemble-and-post-processing). Checked against answers made by the Img2LLM
+authors' own code in tests/parity/test_img2llm_prompt_parity.py."""
 
-import json
 import time
 import zipfile
 from pathlib import Path
@@ -19,12 +18,9 @@ from capvqa.eval.lemmatize import (
     find_tagger_model,
     find_wordnet,
     make_okvqa_analyzer,
-    okvqa_nltk_available,
     resolve_okvqa_analyzer_kind,
 )
-from capvqa.llm import cut_at_stop
 from capvqa.text.answer_postprocess import (
-    first_cut,
     img2llm_answer,
     okvqa_words,
     pica_answer,
@@ -32,33 +28,6 @@ from capvqa.text.answer_postprocess import (
     postprocess_name,
     strip_leading_phrases,
 )
-
-GOLDENS = json.loads(
-    (Path(__file__).parent / "goldens" / "img2llm_postprocess_goldens.json").read_text("utf-8")
-)
-CASES = GOLDENS["cases"]
-STOPS = ("\n", ".")  # the LLM stage's default stop strings
-
-
-class RecordedAnalyzer:
-    """Replays what NLTK gave for each text in the goldens; any other text is a test failure."""
-
-    name = "recorded"
-
-    def __init__(self, analyses: dict[str, list[list[str]]]):
-        self.analyses = analyses
-
-    def analyze(self, text):
-        assert text in self.analyses, f"the rule asked to analyse {text!r}, which the reference never tagged"
-        return [tuple(row) for row in self.analyses[text]]
-
-
-def _recorded() -> RecordedAnalyzer:
-    analyses = {}
-    for case in CASES:
-        if case["nltk"] is not None:
-            analyses[first_cut(case["raw"])[0].lower()] = case["nltk"]
-    return RecordedAnalyzer(analyses)
 
 
 class Table:
@@ -71,39 +40,6 @@ class Table:
 
     def analyze(self, text):
         return [(w, *self.entries.get(w, ("NN", w))) for w in text.split()]
-
-
-# --------------------------------------------------------------------------------------------------
-# The authors' answers (their postprocess_Answer + remove_useless_token on fixed completions)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[repr(c["raw"])[:40] for c in CASES])
-def test_img2llm_rule_gives_the_authors_answers(case):
-    """Given NLTK's tokens, tags and lemmas, the rule reproduces the authors' answer on both datasets, from
-    the whole completion and from the completion as capvqa's backends cut it at the stop strings."""
-    analyzer = _recorded()
-    cut_text, hit = cut_at_stop(case["raw"], STOPS)
-    for task, okvqa in (("okvqa", True), ("vqav2", False)):
-        expected = case["answers"][task].strip()  # the VQA evaluation strips before scoring
-        assert img2llm_answer(case["raw"], okvqa=okvqa, analyzer=analyzer, stopped=False) == expected
-        assert img2llm_answer(cut_text, okvqa=okvqa, analyzer=analyzer, stopped=hit) == expected
-
-
-def test_goldens_cover_every_part_of_the_rule():
-    answers = {c["raw"]: c["answers"] for c in CASES}
-    assert answers[" dogs"]["okvqa"] == " dogs"  # no "." or line break: not lemmatised
-    assert answers[" dogs."]["okvqa"] == "dog"
-    assert answers[" dogs 3 cats\n"]["okvqa"] == "dog 3 cats"  # the digit flag stays set
-    assert answers[" it was made of wood\n"]["okvqa"] == "it was made of wood"  # VBD/VBN kept
-    assert answers[" painted walls\n"]["okvqa"] == "painted wall"  # "-ed" kept
-    assert answers[" because she is tired\n"]["okvqa"] == "be tired"  # the bare "because she" check first
-    assert answers[" because it's cold\n"]["okvqa"] == "'s cold"
-    assert answers["it is a dog"]["vqav2"] == "a dog"  # remove_useless_token on every dataset
-    assert answers[" it is a dog"]["vqav2"] == " it is a dog"  # ... but not after a leading space
-    tokens = {row[0] for c in CASES for row in c["nltk"] or []}
-    assert {"to", "in", "on", "at", "with", "about", "for"} <= tokens
-    tags = {row[1] for c in CASES for row in c["nltk"] or []}
-    assert {"VBD", "VBN"} <= tags
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,19 +138,6 @@ def test_wordnet_morphy_rules(tmp_path):
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.skipif(find_wordnet() is None, reason="WordNet 3.0 not installed (pip install 'capvqa[okvqa]')")
-def test_wordnet_morphy_gives_nltks_lemmas():
-    wordnet = WordNetMorphy.load(find_wordnet())
-    wrong = [
-        (w, v, n)
-        for w, v, n in GOLDENS["lemmas"]
-        if (wordnet.lemmatize(w, "v"), wordnet.lemmatize(w, "n")) != (v, n)
-    ]
-    assert not wrong, (
-        f"{len(wrong)} of {len(GOLDENS['lemmas'])} words differ from NLTK's lemmas: {wrong[:10]}"
-    )
-
-
 # --------------------------------------------------------------------------------------------------
 # Finding the data, choosing the analyzer
 
@@ -298,29 +221,6 @@ def test_rule_analyzer_tokens_tags_and_lemmas():
         img2llm_answer(" it is sitting on the benches\n", okvqa=True, analyzer=RuleOkvqaAnalyzer())
         == "sit the bench"
     )
-
-
-@pytest.mark.skipif(
-    not okvqa_nltk_available(), reason="NLTK and its data not installed (pip install 'capvqa[okvqa]')"
-)
-def test_nltk_analyzer_gives_the_authors_answers():
-    import nltk
-
-    analyzer = make_okvqa_analyzer("nltk")
-    assert analyzer.name.startswith(f"nltk{nltk.__version__}-wordnet3.0")
-    differ = set()
-    for case in CASES:
-        text, hit = cut_at_stop(case["raw"], STOPS)
-        for task, okvqa in (("okvqa", True), ("vqav2", False)):
-            if (
-                img2llm_answer(text, okvqa=okvqa, analyzer=analyzer, stopped=hit)
-                != case["answers"][task].strip()
-            ):
-                differ.add(case["raw"])
-    # NLTK 3.9 changed its word tokenizer: dashes are split off and a word-initial apostrophe is kept apart
-    major_minor = tuple(int(p) for p in nltk.__version__.split(".")[:2])
-    expected = {" 'tis the season\n", " well—known brand\n"} if major_minor >= (3, 9) else set()
-    assert differ == expected
 
 
 # --------------------------------------------------------------------------------------------------

@@ -84,10 +84,12 @@ class BlipCaptioner:
         return torch.tensor([self.prompt_ids] * rows, device=self.runtime.device)
 
     def texts(self, output_ids: torch.Tensor) -> list[str]:
-        """Decoded captions without the prompt words."""
+        """Decoded captions without the prompt: the first ``len(prompt)`` characters cut, as LAVIS cuts
+        them (``output[len(prompt):]``). Not a prefix match: when the first new word piece continues the
+        prompt's last word ("of" + "##es" decodes as "ofes"), LAVIS's cut keeps "s", and so must we
+        (tests/parity/test_blip_parity.py)."""
         decoded = self.processor.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
-        prefix = self.prompt.strip()
-        return [text.removeprefix(prefix).strip() for text in decoded]
+        return [text[len(self.prompt):] for text in decoded]
 
     def sample_from_patches(
         self,

@@ -30,7 +30,8 @@ class FiDReaderConfig:
     revision: str | None = None
     num_captions_fid: int = 1
     max_passage_tokens: int = 512
-    max_new_tokens: int = 20
+    # LAVIS's max_len 20 is a generate max_length, which counts the decoder start token: 19 new tokens
+    max_new_tokens: int = 19
     min_new_tokens: int = 0
     batch_size: int = non_semantic(8)
     max_passages_per_encode: int = non_semantic(64)

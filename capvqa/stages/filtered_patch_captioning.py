@@ -98,7 +98,7 @@ class FilteredPatchCaptions:
 
 class FilteredPatchCaptioning:
     NAME: ClassVar[str] = "filtered_patch_captioning"
-    VERSION: ClassVar[str] = "1"
+    VERSION: ClassVar[str] = "2"  # 2: the prompt cut as LAVIS cuts it (capvqa/models/blip_captioner.py texts)
     INPUTS: ClassVar[tuple[str, ...]] = ("relevance",)
     INPUT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"relevance": ("relevance",)}
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model", "itm_model")

@@ -50,7 +50,7 @@ class PatchRelevance:
 
 class GradCamMatching:
     NAME: ClassVar[str] = "gradcam_matching"
-    VERSION: ClassVar[str] = "1"
+    VERSION: ClassVar[str] = "2"  # 2: '?' stripped at both ends of the question, as LAVIS does
     INPUTS: ClassVar[tuple[str, ...]] = ()
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     Config = GradCamMatchingConfig

@@ -56,7 +56,7 @@ class ImageCaption:
 
 class ImageCaptioning:
     NAME: ClassVar[str] = "image_captioning"
-    VERSION: ClassVar[str] = "1"
+    VERSION: ClassVar[str] = "2"  # 2: the prompt cut as LAVIS cuts it (capvqa/models/blip_captioner.py texts)
     INPUTS: ClassVar[tuple[str, ...]] = ()
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     Config = ImageCaptioningConfig

@@ -50,8 +50,11 @@ caption, as in the reference (whose answer -> captions map has no entry for it).
 
 LAVIS variant (``variant: lavis``): LAVIS's ``prompts_construction`` byte for byte -- raw captions glued
 together after "Contexts:", no synthetic pairs except "Question:{yes-question}\\nAnswer:yes\\n" and
-"Question:Is this a toilet?\\nAnswer:no\\n" (for every dataset, as LAVIS does), no spaces after the
-colons, and the question as given; one segment.
+"Question:Is this a toilet?\\nAnswer:no\\n" (for every dataset, as LAVIS does; none at all when
+``num_exemplar_slots``, LAVIS's ``num_question_per_img``, is 0), no spaces after the colons, and the
+question as given; one segment. The captions are chosen by the rule below over LAVIS's answer list, which
+ends with a "yes" even when "yes" is already a top answer (:func:`lavis_pairs`), and the yes-question is
+that list's last question, raw.
 
 Fitting the context window: the prompt plus ``reserve_tokens`` (room for the answer) must fit the LLM's
 context, counting tokens as the LLM will see them (a segmented prompt as the LLM backends encode it,
@@ -105,7 +108,8 @@ class Img2LLMPromptConfig:
     revision: str | None = None  # of ``llm``
     variant: str = "authors"  # authors | paper | lavis
     num_context_captions: int = 30  # the script's --num_caps_per_img
-    # authors variant: pair slots, slot i showing pair i % number of pairs (the script's --num_question_per_img)
+    # authors variant: pair slots, slot i showing pair i % number of pairs (the script's --num_question_per_img);
+    # lavis variant: LAVIS's num_question_per_img, whose only effect is no yes/no exemplar when 0
     num_exemplar_slots: int = 30
     max_answer_words: int = 5  # synthetic pairs whose answer has this many words or more are skipped
     task: str = "vqav2"  # yes/no exemplars for vqav2 only (authors and paper variants)
@@ -260,9 +264,9 @@ def authors_answer(answer: str) -> str:
 
 
 def lavis_pairs(questions: Sequence[str], answers: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The synthetic pairs as LAVIS hands them to the authors' script: LAVIS appends "yes." after the top
-    answers even when "yes" is already among them, so its last pair is always the yes pair (the script's
-    yes-question is the last question). capvqa's answer extraction keeps one "yes"; when it is not last,
+    """The synthetic pairs as LAVIS lists them (its own prompt, and the file it hands the authors' script):
+    LAVIS appends "yes." after the top answers even when "yes" is already among them, so its last pair is
+    always the yes pair (the yes-question is the last question). capvqa's answer extraction keeps one "yes"; when it is not last,
     its pair is repeated at the end, which is LAVIS's list (the duplicate QG input gives the same
     question)."""
     questions, answers = list(questions), list(answers)
@@ -344,8 +348,8 @@ def build_prompt_parts(
                                           max_answer_words=max_answer_words)),
             query=f"Question:{question.lower().strip()}\nAnswer:",
         )
-    chosen = select_context_captions(answers, answer_captions, len(captions), num_context_captions)
     if variant == "paper":
+        chosen = select_context_captions(answers, answer_captions, len(captions), num_context_captions)
         return PromptParts(
             head=INSTRUCTION + "Contexts: ",
             captions=tuple(format_context_caption(captions[i]) for i in chosen),
@@ -355,9 +359,14 @@ def build_prompt_parts(
             query=f"Question: {question.strip().lower()}\nAnswer:",
         )
     if variant == "lavis":
-        yes = yes_pair_index(qa_answers)
-        exemplars = [] if yes is None else [qa_block(qa_questions[yes], "yes", space="")]
-        exemplars.append(qa_block(*YES_NO_EXEMPLAR, space=""))
+        # LAVIS visits its QG answers, "yes" last (a second one when "yes" is a top answer); its one pair is
+        # the last question's, written inside its question-slot loop: none without slots
+        qa_questions, qa_answers = lavis_pairs(qa_questions, qa_answers)
+        chosen = select_context_captions(qa_answers, answer_captions, len(captions), num_context_captions)
+        exemplars = []
+        if num_exemplar_slots > 0:
+            exemplars = [qa_block(question, "yes", space="") for question in qa_questions[-1:]]
+            exemplars.append(qa_block(*YES_NO_EXEMPLAR, space=""))
         return PromptParts(
             head=INSTRUCTION + "Contexts:",
             captions=tuple(captions[i] for i in chosen),
@@ -474,6 +483,11 @@ class Img2LLMPrompt:
     def __init__(self, config: Img2LLMPromptConfig | None = None, **overrides: Any) -> None:
         self.config = config or Img2LLMPromptConfig(**overrides)
         self.tokenizer: Any = None
+        if self.config.variant == "lavis":
+            # the lavis variant equals LAVIS since version 2 (its second "yes" and no exemplars without
+            # question slots, found by the parity suite); the other variants did not change, so their
+            # cached prompts (and the answers read from them) stay valid
+            self.VERSION = "2"  # type: ignore[misc]
         if not self.reads_next_item(self.config):
             self.NEIGHBOUR_INPUTS = ()  # type: ignore[misc]  # narrowed on purpose (see the class attribute)
 

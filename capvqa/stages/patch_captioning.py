@@ -144,7 +144,7 @@ class Captions:
 
 class PatchCaptioning:
     NAME: ClassVar[str] = "patch_captioning"
-    VERSION: ClassVar[str] = "1"
+    VERSION: ClassVar[str] = "2"  # 2: the prompt cut as LAVIS cuts it (capvqa/models/blip_captioner.py texts)
     INPUTS: ClassVar[tuple[str, ...]] = ("relevance",)
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     Config = PatchCaptioningConfig

@@ -18,8 +18,9 @@ def clean_question(question: str, max_words: int = 50) -> str:
 
 
 def matching_text(question: str, max_words: int = 50) -> str:
-    """The ITM text for GradCAM: the cleaned question without its trailing '?'."""
-    return clean_question(question, max_words).rstrip("?").strip()
+    """The ITM text for GradCAM: the cleaned question without '?' at either end (LAVIS's
+    ``text.strip('?')`` in ``forward_itm``; tests/parity/test_blip_parity.py)."""
+    return clean_question(question, max_words).strip("?").strip()
 
 
 def unifiedqa_passages(question: str, captions: list[str], captions_per_passage: int = 1) -> list[str]:

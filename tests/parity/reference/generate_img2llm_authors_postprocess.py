@@ -1,8 +1,8 @@
-"""Write img2llm_postprocess_goldens.json: Img2LLM answers post-processed by the authors' own code.
+"""Write fixtures/img2llm/authors_postprocess.json: Img2LLM answers post-processed by the authors' own code.
 
 Usage::
 
-    NLTK_DATA=DIR python tests/goldens/make_img2llm_postprocess_goldens.py PATH/TO/Img2Prompt [--commit SHA]
+    NLTK_DATA=DIR python tests/parity/reference/generate_img2llm_authors_postprocess.py PATH/TO/Img2Prompt [--commit SHA]
 
 PATH is a checkout of https://github.com/CR-Gjx/Img2Prompt (the goldens were made at commit
 5b838d1650e30495139325c0bb98294c179ecedc). Nothing of that code is copied here: the script imports
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-OUTPUT = HERE / "img2llm_postprocess_goldens.json"
+OUTPUT = HERE.parent / "fixtures" / "img2llm" / "authors_postprocess.json"
 DATASETS = {"okvqa": "okvqa", "vqav2": "vqa"}  # capvqa task -> the script's --dataset
 # what nltk.download(name) must find already installed
 NLTK_PACKAGES = {

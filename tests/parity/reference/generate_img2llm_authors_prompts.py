@@ -1,8 +1,8 @@
-"""Write img2llm_prompt_goldens.json: Img2LLM prompts made by the authors' own code on fixed inputs.
+"""Write fixtures/img2llm/authors_prompts.json: Img2LLM prompts made by the authors' own code on fixed inputs.
 
 Usage::
 
-    python tests/goldens/make_img2llm_prompt_goldens.py PATH/TO/Img2Prompt [--commit SHA]
+    python tests/parity/reference/generate_img2llm_authors_prompts.py PATH/TO/Img2Prompt [--commit SHA]
 
 PATH is a checkout of https://github.com/CR-Gjx/Img2Prompt (the goldens were made at commit
 5b838d1650e30495139325c0bb98294c179ecedc). Nothing of that code is copied here: the script imports
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-OUTPUT = HERE / "img2llm_prompt_goldens.json"
+OUTPUT = HERE.parent / "fixtures" / "img2llm" / "authors_prompts.json"
 CONFIG = {"num_caps_per_img": 30, "num_question_per_img": 30, "question_type": "g_q", "random_question": False}
 DATASETS = {"vqav2": "vqa", "okvqa": "okvqa"}  # capvqa task -> the script's --dataset
 # the names evaluation()'s loop assigns before it tokenises; all must be found in its source
