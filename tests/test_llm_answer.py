@@ -121,6 +121,33 @@ def test_covering_prefix_counts_the_tokens_that_produced_the_text():
     assert covering_prefix_length(["\ufffd", "é"], "é") == 2  # completed byte-level character
 
 
+def test_logprob_until_newline_is_picas_reference_rule():
+    from capvqa.llm import logprob_until_newline
+
+    assert logprob_until_newline([" a", " dog", "\n", "Q"], [-0.5, -1.0, -0.1, -3.0]) == -1.5
+    # a token that only contains the line break is not the line-break token: it counts
+    assert logprob_until_newline([" yes", "\n\n"], [-0.25, -1.0]) == -1.25
+    assert logprob_until_newline([" dog", ".\n", "\n"], [-0.5, -0.25, -2.0]) == -0.75
+    assert logprob_until_newline(["\n", " a"], [-0.5, -1.0]) == 0.0  # an immediate line break
+    assert logprob_until_newline([" a", "", " b"], [-0.5, -0.25, None]) == -0.75  # eos text "", no value
+    assert logprob_until_newline([], []) == 0.0
+
+
+def test_token_texts_and_generation_end():
+    from capvqa.llm import generation_end, token_texts
+
+    vocab = {1: " a", 2: " dog", 3: "\n", 4: ".\n", 9: ""}  # 9: a special token (decoded away)
+
+    def decode(ids):
+        return "".join(vocab[i] for i in ids)
+
+    assert token_texts(decode, [1, 2, 4, 9]) == [" a", " dog", ".\n", ""]
+    assert generation_end(decode, [1, 2, 4, 1, 1], frozenset({9}), ("\n",)) == 3  # the stop-string token
+    assert generation_end(decode, [1, 9, 1, 1], frozenset({9}), ("\n",)) == 2  # end-of-sequence, kept
+    assert generation_end(decode, [1, 2, 1], frozenset({9}), ("\n",)) == 3  # max_new_tokens
+    assert generation_end(decode, [1, 3, 1], frozenset({9}), ()) == 3  # no stop strings
+
+
 def test_left_truncate_keeps_special_prefix_and_suffix():
     from capvqa.llm.huggingface import left_truncate
 
@@ -492,7 +519,7 @@ def test_okvqa_nltk_analyzer_is_the_authors_procedure(cpu_runtime):
     made, kites = stage.run([entry(["p"], 1), entry(["q"], 2)])
     assert made.postprocess == f"img2llm+okvqa(lemmatizer=nltk{nltk.__version__}-wordnet3.0)"
     # VBD/VBN kept, "of" kept; WordNet as a verb first: "riding" -> "rid", "kites" -> "kit" (the authors'
-    # lemmas, tests/goldens/img2llm_postprocess_goldens.json); "they are" -> "they be", then stripped
+    # lemmas, tests/parity/fixtures/img2llm/authors_postprocess.json); "they are" -> "they be", then stripped
     assert made.answer == "it was made of wood" and kites.answer == "rid kit"
 
 
@@ -569,6 +596,86 @@ def test_img2llm_answers_equal_the_authors_procedure(steered, cpu_runtime, task)
         assert (rockets.answer, kites.answer) == ("rocket", " ".join(["kites"] * 10))
     else:
         assert (rockets.answer, kites.answer) == ("rockets", " ".join(["kites"] * 10))
+
+
+def load_pica_steered_opt(tiny_zoo, cpu_runtime):
+    """:func:`load_steered_opt` answering " rockets.\\n" (a line-break token after the period) and " kites"
+    then end-of-sequence, so PICa's score meets both ways a local row ends."""
+    lm = load_steered_opt(tiny_zoo, cpu_runtime)
+
+    def token(text):
+        return lm.tokenizer(text, add_special_tokens=False)["input_ids"][-1]
+
+    rockets, kites, period, newline = token(" rockets"), token(" kites"), token("."), token("\n")
+    lm.model.generation_config.sequence_bias = {
+        **lm.model.generation_config.sequence_bias,
+        (rockets, rockets, period, newline): 100.0,
+        (kites, kites, lm.tokenizer.eos_token_id): 100.0,
+    }
+    return lm
+
+
+def test_local_rows_report_their_tokens_through_the_one_that_ended_them(tiny_zoo, cpu_runtime):
+    """The stop-string token and the end-of-sequence token come back with their log-probabilities (the
+    model's own, recomputed in one forward pass); the padding of rows that finished early does not."""
+    lm = load_pica_steered_opt(tiny_zoo, cpu_runtime)
+    prompts = [*IMG2LLM_PROMPTS[:2], PROMPTS[1]]  # " rockets.\n", " kites</s>", an unsteered row
+    newline = GenerationSettings(max_new_tokens=5, stop=("\n",))
+    rockets, kites, free = lm.complete(prompts, newline)
+    assert rockets.generated_tokens == (" rockets", ".", "\n") and rockets.text == " rockets."
+    assert kites.generated_tokens == (" kites", "") and not kites.stopped  # "": the end-of-sequence token
+    assert len(free.generated_tokens) == 5  # ran to max_new_tokens
+    eos = lm.tokenizer.eos_token_id
+    for prompt, completion, ids in [
+        (prompts[0], rockets, [*completion_ids(lm, " rockets.\n")]),
+        (prompts[1], kites, [*completion_ids(lm, " kites"), eos]),
+    ]:
+        prompt_ids = lm.tokenizer(prompt)["input_ids"]
+        steps = [causal_logprob(lm, prompt_ids, ids[: k + 1]) - causal_logprob(lm, prompt_ids, ids[:k])
+                 for k in range(len(ids))]
+        assert list(completion.generated_logprobs) == pytest.approx(steps, abs=1e-4)
+    # a stop string other than the line break: the row ends at its token, which is listed too
+    period = lm.complete(prompts[:1], GenerationSettings(max_new_tokens=5, stop=(".", "\n")))[0]
+    assert period.generated_tokens == (" rockets", ".") and period.text == " rockets"
+
+
+def completion_ids(lm, text):
+    return lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_picas_ensemble_score_is_the_references_and_img2llms_is_unchanged(tiny_zoo, cpu_runtime):
+    """PICa's candidates are scored by the reference's rule (tokens up to the line-break token, the
+    end-of-sequence token included); the same completions under Img2LLM's rule keep the log-probability
+    of the tokens that produced the kept text."""
+    from capvqa.llm import logprob_until_newline
+
+    lm = load_pica_steered_opt(tiny_zoo, cpu_runtime)
+    prompts = [*IMG2LLM_PROMPTS[:2], PROMPTS[1]]
+    completions = lm.complete(prompts, GenerationSettings(max_new_tokens=5, stop=("\n",)))
+    pica = LLMAnswerer(model="tiny", postprocess="pica", max_new_tokens=5, stop=["\n"], llm=lm)
+    pica.setup(cpu_runtime)
+    answer = pica.run([entry(prompts, 1)])[0]
+    scores = [logprob_until_newline(c.generated_tokens, c.generated_logprobs) for c in completions]
+    assert [c["logprob"] for c in answer.candidates] == pytest.approx(scores, abs=1e-6)
+    assert answer.prompt_index == max(range(3), key=lambda i: (scores[i], -i))
+    rockets, kites, _free = completions
+    assert scores[0] == pytest.approx(rockets.logprob, abs=1e-6)  # the "\n" token is left out either way
+    eos_logprob = kites.generated_logprobs[-1]
+    assert scores[1] == pytest.approx(kites.logprob + eos_logprob, abs=1e-6) and eos_logprob < 0
+    img2llm = LLMAnswerer(model="tiny", postprocess="img2llm", max_new_tokens=5, stop=["\n"], llm=lm)
+    img2llm.setup(cpu_runtime)
+    records = img2llm.run([entry([p], i) for i, p in enumerate(prompts)])
+    assert [r.logprob for r in records] == pytest.approx([c.logprob for c in completions], abs=1e-6)
+
+
+def test_pica_falls_back_to_the_kept_logprob_without_generated_tokens(cpu_runtime):
+    """A backend that reports no generated tokens (FakeBackend, an API without ``logprobs.tokens``) is
+    ranked by ``Completion.logprob``, as before."""
+    stage = LLMAnswerer(model="fake/model", postprocess="pica", stop=["\n"],
+                        llm=FakeBackend({"a": (" x", -1.0), "b": (" y", -0.5)}))
+    stage.setup(cpu_runtime)
+    out = stage.run([entry(["a", "b"], 1)])[0]
+    assert [c["logprob"] for c in out.candidates] == [-1.0, -0.5] and out.answer == "y"
 
 
 def test_other_stop_strings_count_as_no_period_and_warn(cpu_runtime, caplog):
@@ -707,9 +814,10 @@ def test_model_fingerprint_accepts_an_api_model_name():
     assert len(bound.fingerprint) == 64
 
 
-def test_picas_answer_cache_key_is_unchanged_and_img2llms_moved_on_purpose():
-    """Img2LLM's answer rules changed (version 2); PICa's did not, so its cached answers (API answers
-    cost money) must keep their keys: the stage's version and semantic config as before that change."""
+def test_answer_cache_versions_move_per_method_on_purpose():
+    """Img2LLM's answer rules changed in version 2, PICa's ensemble score in version 3 (the reference's
+    sum up to the line-break token): each method's cached answers are invalidated only by its own change,
+    and the semantic config stays what it was, so nothing else moves the keys."""
     from capvqa.engine.config import build_stage_config, load_spec
     from capvqa.engine.stage import semantic_config
     from capvqa.stages.llm_answer import LLMAnswerer
@@ -718,10 +826,11 @@ def test_picas_answer_cache_key_is_unchanged_and_img2llms_moved_on_purpose():
     for name, model in expected.items():
         spec = load_spec(name)
         stage = LLMAnswerer(build_stage_config(spec, spec.stage("llm")))
-        assert stage.VERSION == "1"
+        assert stage.VERSION == "3"
         assert semantic_config(stage.config) == {
             "model": model, "revision": None, "backend": "openai" if name == "pica-api" else "auto",
             "max_new_tokens": 5, "stop": ("\n",), "postprocess": "pica", "task": "vqav2", "lemmatizer": "auto",
             "context_length": None, "base_url": "https://api.openai.com/v1", "api_model": None}
     spec = load_spec("img2llm")
     assert LLMAnswerer(build_stage_config(spec, spec.stage("llm"))).VERSION == "2"
+    assert LLMAnswerer(model="m", postprocess="none").VERSION == "1"

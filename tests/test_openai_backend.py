@@ -193,6 +193,10 @@ def local_lm(tiny_zoo, cpu_runtime):
 def server(local_lm):
     app = CompletionsApp(local_lm.model, local_lm.tokenizer)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(app))
+    # handler threads are joined at server_close: one still answering a request its client gave up on
+    # (the timeout tests) must not run the model while the interpreter exits (an abort, status 134)
+    httpd.daemon_threads = False
+    httpd.block_on_close = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     app.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
@@ -419,6 +423,21 @@ def test_completion_from_response_sums_the_tokens_that_made_the_text():
     }
     assert completion_from_response(ignored_stop, ("\n",)).logprob == -1.0
     assert completion_from_response(ignored_stop, ("\n",)).stopped  # the client's own cut
+
+
+def test_completion_from_response_keeps_the_listed_tokens_for_picas_score():
+    """The server's tokens and log-probabilities come back whole, as PICa's reference read them; only
+    with both lists of one length (a null value counts 0, as it adds nothing to the sum)."""
+    listed = {"choices": [{"text": " yes", "logprobs": {
+        "tokens": [" yes", "\n\n", "Q"], "token_logprobs": [-0.25, -1.0, None]}}]}
+    completion = completion_from_response(listed, ("\n",))
+    assert completion.generated_tokens == (" yes", "\n\n", "Q")
+    assert completion.generated_logprobs == (-0.25, -1.0, 0.0)
+    assert completion.logprob == -0.25  # the tokens that produced the text: Img2LLM's record
+    unaligned = {"choices": [{"text": " a", "logprobs": {"tokens": [" a"], "token_logprobs": [-1.0, -2.0]}}]}
+    assert completion_from_response(unaligned, ("\n",)).generated_tokens is None
+    no_tokens = {"choices": [{"text": " a", "logprobs": {"token_logprobs": [-1.0]}}]}
+    assert completion_from_response(no_tokens, ("\n",)).generated_logprobs is None
 
 
 @pytest.mark.parametrize(

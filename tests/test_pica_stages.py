@@ -47,7 +47,9 @@ def test_prompt_text_is_exactly_picas():
 
 def test_query_context_with_and_without_tags():
     assert query_context("a dog on a couch") == "a dog on a couch"
-    assert query_context("a dog on a couch", []) == "a dog on a couch"
+    assert query_context("a dog on a couch", None) == "a dog on a couch"
+    # tags wired but none for this image: the reference's caption + '. ' + ''
+    assert query_context("a dog on a couch", []) == "a dog on a couch. "
     assert (
         query_context("a dog on a couch", ["dog", "couch", "pillow"])
         == "a dog on a couch. dog, couch, pillow"
@@ -111,8 +113,8 @@ def test_tags_are_used_exactly_when_a_tags_input_is_wired():
     ]
     not_wired = PicaPrompt().run([_prompt_input()])[0]
     assert "Context: a cat on a mat\n" in not_wired.prompts[0]
-    no_tags_found = PicaPrompt().run([_prompt_input(tags=[])])[0]
-    assert "Context: a cat on a mat\n" in no_tags_found.prompts[0]
+    no_tags_found = PicaPrompt().run([_prompt_input(tags=[])])[0]  # wired, none kept: the reference's ". "
+    assert "Context: a cat on a mat. \n" in no_tags_found.prompts[0]
 
 
 def test_an_input_the_prompt_does_not_read_is_an_error():
@@ -207,13 +209,15 @@ def test_coco_captions_first_caption_by_annotation_order(tmp_path):
                     {"image_id": 7, "id": 3, "caption": "A dog  runs.\n"},
                     {"image_id": 8, "id": 1, "caption": "A cat."},
                     {"image_id": 7, "id": 2, "caption": "Second caption."},
+                    {"image_id": 9, "id": 4, "caption": " \n "},  # blank: skipped
                 ]
             }
         )
     )
     captions = load_coco_captions(path)
-    assert captions == {7: ["A dog runs.", "Second caption."], 8: ["A cat."]}
-    assert first_caption(captions, "7") == "A dog runs."
+    # verbatim, as PICa's reference puts them into the prompt; only blank captions are skipped
+    assert captions == {7: ["A dog  runs.\n", "Second caption."], 8: ["A cat."]}
+    assert first_caption(captions, "7") == "A dog  runs.\n"
     assert first_caption(captions, 9) is None
 
 

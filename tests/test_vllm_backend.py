@@ -96,6 +96,10 @@ def assert_same(got, expected):
     assert [c.prompt_tokens_dropped for c in got] == [c.prompt_tokens_dropped for c in expected]
     assert [c.stopped for c in got] == [c.stopped for c in expected]
     assert [c.logprob for c in got] == pytest.approx([c.logprob for c in expected], abs=1e-4)
+    # every token through the one that ended the row, as PICa's ensemble score reads them
+    assert [c.generated_tokens for c in got] == [c.generated_tokens for c in expected]
+    for ours, theirs in zip(got, expected):
+        assert list(ours.generated_logprobs) == pytest.approx(list(theirs.generated_logprobs), abs=1e-4)
 
 
 def test_vllm_backend_equals_the_hugging_face_backend(fake_vllm, tiny_zoo, causal):
@@ -108,6 +112,8 @@ def test_vllm_backend_equals_the_hugging_face_backend(fake_vllm, tiny_zoo, causa
     assert_same(got, causal.complete(PROMPTS, stopped))
     assert got[index].num_tokens == before and stop not in got[index].text
     assert got[index].stopped and not all(c.stopped for c in got)  # both kinds, equal to the HF backend's
+    # the token that completed the stop string is listed, with its log-probability (PICa's score)
+    assert len(got[index].generated_tokens) == before + 1 and stop in "".join(got[index].generated_tokens)
     # one generate call per complete(): every prompt goes to vLLM's scheduler at once, greedily
     assert len(llm.params) == 2
     params = llm.params[-1]

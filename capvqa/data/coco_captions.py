@@ -11,6 +11,11 @@ of an image" is well defined and reproducible (the original PICa code picks one 
 on every prompt, which makes its prompts unrepeatable). A bare list of annotation objects is accepted
 too, as the original code does.
 
+Each caption is kept exactly as the file has it, stray spaces and line breaks included: the original
+code puts it into the prompt as it is, and the prompt is what the LLM answers (a double space or a
+trailing newline changes its tokens). Only a caption that is empty or all whitespace is skipped, so an
+image whose first annotation is blank still gets a real caption.
+
 Split of work: :func:`load_coco_captions` is the only I/O; :func:`parse_coco_captions` is pure and names
 the file, the annotation index and the field for every problem a user can have.
 """
@@ -68,9 +73,8 @@ def parse_coco_captions(document: Any, *, source: str) -> dict[ItemId, list[str]
             raise DataError(
                 f"{where} (image_id {image_id!r}): field 'caption' must be a string, got {caption!r}"
             )
-        text = " ".join(caption.split())  # COCO captions carry stray newlines and double spaces
-        if text:
-            captions.setdefault(normalize_id(image_id), []).append(text)
+        if caption.strip():  # raw text: the prompt carries it as the reference's does (module docstring)
+            captions.setdefault(normalize_id(image_id), []).append(caption)
     if not captions:
         raise DataError(f"{source}: the file holds no non-empty captions")
     return captions

@@ -8,10 +8,12 @@ Two kinds of backend implement :class:`LLMBackend`:
   llama.cpp server) with the standard library only.
 
 Both return, per prompt, the completion *cut at the first stop string*, whether a stop string cut it
-(``Completion.stopped``) and the summed log-probability of the tokens that produced the kept text (see
-:func:`covering_prefix_length`), so the ensemble of PICa and the single answer of Img2LLM read the same
-numbers whichever backend ran. This module holds the value
-objects and the pure helpers both backends share; it imports nothing heavy.
+(``Completion.stopped``), the summed log-probability of the tokens that produced the kept text (see
+:func:`covering_prefix_length`; what Img2LLM records) and every generated token, as text, with its
+log-probability, through the one that ended generation (``Completion.generated_tokens``; what PICa's
+ensemble score reads, :func:`logprob_until_newline`), so each method reads the same numbers whichever
+backend ran. This module holds the value objects and the pure helpers both backends share; it imports
+nothing heavy.
 
 The context length a local model respects when none is configured is decided here too
 (:func:`default_context_length`), so that a stage fitting a prompt *before* the answer stage
@@ -45,9 +47,13 @@ __all__ = [
     "cut_at_stop",
     "default_context_length",
     "encode_segments",
+    "generated_through_end",
+    "generation_end",
     "kept_completion",
+    "logprob_until_newline",
     "smallest_context_length",
     "split_special_tokens",
+    "token_texts",
 ]
 
 # Tokenizers without a known limit report ~1e30 (transformers' VERY_LARGE_INTEGER): "not set".
@@ -79,6 +85,13 @@ class Completion:
     take it from :func:`kept_completion`; the API backend from the response
     (:func:`capvqa.llm.openai_api.completion_from_response`). It defaults to True, so a backend that does
     not report it is treated as before the flag existed (as if cut at a stop string).
+
+    ``generated_tokens`` and ``generated_logprobs`` are every generated token in order, as text, and its
+    log-probability, *through the token that ended generation* (the one that completed a stop string,
+    or end-of-sequence, which a local backend has scored too); an API's are the ``logprobs.tokens`` and
+    ``token_logprobs`` the server listed, as they are. PICa's ensemble score is read from them
+    (:func:`logprob_until_newline`). None when the backend does not report them (an API without
+    per-token log-probabilities, or a backend written before the fields existed).
     """
 
     text: str
@@ -87,6 +100,8 @@ class Completion:
     prompt_tokens_dropped: int = 0
     token_ids: tuple[int, ...] | None = None
     stopped: bool = True
+    generated_tokens: tuple[str, ...] | None = None
+    generated_logprobs: tuple[float, ...] | None = None
 
 
 Segments = Sequence[str]  # one prompt as strings tokenised one by one (see the module docstring)
@@ -132,11 +147,13 @@ def covering_prefix_length(prefix_texts: Sequence[str], text: str) -> int:
 
     ``prefix_texts[k - 1]`` is the decoding of the first k generated tokens. A token that straddles the
     stop string (e.g. "dog." when the stop is ".") counts, because it produced kept characters; tokens
-    made only of the stop string or of what follows it do not. This is what PICa sums ("token
-    log-probabilities until the newline token") and it is the same rule for local and API backends.
-    An empty ``text`` is produced by no token (sum 0). When no prefix starts with ``text`` (byte-level
-    tokens that decode to replacement characters until a later token completes them), the first prefix
-    at least as long as ``text`` is taken; failing that, all tokens.
+    made only of the stop string or of what follows it do not. It is the same rule for local and API
+    backends, and what ``Completion.logprob`` (Img2LLM's recorded log-probability) sums. It is *not*
+    PICa's rule, which also counts a token that merely contains the line break ("\\n\\n", ".\\n"):
+    see :func:`logprob_until_newline`. An empty ``text`` is produced by no token (sum 0). When no
+    prefix starts with ``text`` (byte-level tokens that decode to replacement characters until a later
+    token completes them), the first prefix at least as long as ``text`` is taken; failing that, all
+    tokens.
     """
     if not text:
         return 0
@@ -147,6 +164,70 @@ def covering_prefix_length(prefix_texts: Sequence[str], text: str) -> int:
         if len(prefix) >= len(text):
             return k
     return len(prefix_texts)
+
+
+def logprob_until_newline(tokens: Sequence[str], token_logprobs: Sequence[float | None]) -> float:
+    """PICa's ensemble score of one completion: its token log-probabilities summed in order, stopping
+    before the first token that *is* a line break ("\\n", compared whole).
+
+    This is the reference's rule (``microsoft/PICa`` ``gpt3_api_okvqa.py``), applied to the tokens the
+    backend reports through the one that ended generation (``Completion.generated_tokens``). So a token
+    that merely contains the line break ("\\n\\n", ".\\n") counts, and so does every token before a
+    line break that comes later or not at all (the API's listed tokens as they are; a local model's
+    end-of-sequence token). An immediate "\\n" scores 0. A missing value (None, as some servers give
+    for a token they did not score) adds nothing.
+    """
+    total = 0.0
+    for token, value in zip(tokens, token_logprobs):
+        if token == "\n":
+            break
+        if value is not None:
+            total += float(value)
+    return total
+
+
+def token_texts(decode: Callable[[Sequence[int]], str], tokens: Sequence[int]) -> list[str]:
+    """Each generated token as text, the way an API lists it: what it adds to the decoded text of the
+    tokens before it (so a SentencePiece token keeps its leading space, and "\\n" is "\\n" whatever
+    the tokenizer's own spelling, e.g. GPT-2's "Ċ" or Llama's "<0x0A>"). A token whose prefix decoding
+    does not extend the previous one (a byte-level piece of a character) is decoded alone; a special
+    token (end-of-sequence) is "" -- neither is ever a line break.
+    """
+    texts, before = [], ""
+    for k in range(1, len(tokens) + 1):
+        after = decode(tokens[:k])
+        texts.append(after[len(before) :] if after.startswith(before) else decode(tokens[k - 1 : k]))
+        before = after
+    return texts
+
+
+def generation_end(
+    decode: Callable[[Sequence[int]], str], tokens: Sequence[int], eos_ids: frozenset[int],
+    stop: Sequence[str],
+) -> int:
+    """How many of a local row's generated ``tokens`` were generated before the model stopped: through
+    the first whose decoded prefix contains a stop string (what the backends' stop check looks at) or
+    the first end-of-sequence, whichever comes first; all of them when neither occurs.
+
+    A batched ``generate`` pads a finished row until the others finish; this cuts that padding off and
+    keeps the token that ended the row, so it is scored as an API that stopped there would list it.
+    """
+    stops = tuple(s for s in stop if s)
+    for k, token in enumerate(tokens, start=1):
+        if token in eos_ids or (stops and any(s in decode(tokens[:k]) for s in stops)):
+            return k
+    return len(tokens)
+
+
+def generated_through_end(
+    decode: Callable[[Sequence[int]], str], tokens: Sequence[int], token_logprobs: Sequence[float],
+    eos_ids: frozenset[int], stop: Sequence[str],
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """A local row's ``Completion.generated_tokens`` and ``generated_logprobs``: its tokens as text
+    (:func:`token_texts`) and their log-probabilities through the one that ended it
+    (:func:`generation_end`)."""
+    end = generation_end(decode, tokens, eos_ids, stop)
+    return tuple(token_texts(decode, tokens[:end])), tuple(float(v) for v in token_logprobs[:end])
 
 
 def kept_completion(

@@ -14,7 +14,10 @@ text at the first stop string (``Completion.stopped`` says whether one cut it: a
 end-of-sequence or ran to ``max_new_tokens`` first is not stopped, whatever it would have generated
 next); the completion's log-probability is the sum, over the generated tokens
 that produced the kept text (:func:`capvqa.llm.covering_prefix_length`), of log-softmax of the model's
-raw logits (``output_logits``, i.e. before any logits processor) at the chosen token.
+raw logits (``output_logits``, i.e. before any logits processor) at the chosen token. Every generated
+token through the one that ended the row -- the token that completed a stop string, or end-of-sequence
+-- is also returned as text with that log-probability (``Completion.generated_tokens``, what PICa's
+ensemble score reads); the padding a finished row gets while others still run is not.
 
 The context rule of Img2LLM (prompt + answer <= context length) is enforced by left-truncating a causal
 LM's prompt to ``context_length - max_new_tokens`` tokens, keeping the tokenizer's special prefix (e.g.
@@ -45,6 +48,7 @@ from capvqa.llm import (
     check_segments,
     default_context_length,
     encode_segments,
+    generated_through_end,
     kept_completion,
     split_special_tokens,
 )
@@ -316,7 +320,7 @@ class HuggingFaceLM:
         results: list[Completion | None] = [None] * len(prompts)
         for start in range(0, len(order), self.prompts_per_generate):
             group = order[start : start + self.prompts_per_generate]
-            for i, (tokens, logprob, text, stopped) in zip(
+            for i, (tokens, logprob, text, stopped, pieces, piece_logprobs) in zip(
                 group, self._generate([encoded[i][0] for i in group], settings)
             ):
                 results[i] = Completion(
@@ -326,15 +330,19 @@ class HuggingFaceLM:
                     prompt_tokens_dropped=encoded[i][1],
                     token_ids=tuple(tokens),
                     stopped=stopped,
+                    generated_tokens=pieces,
+                    generated_logprobs=piece_logprobs,
                 )
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
     def _generate(
         self, rows: list[list[int]], settings: GenerationSettings
-    ) -> list[tuple[list[int], float, str, bool]]:
+    ) -> list[tuple[list[int], float, str, bool, tuple[str, ...], tuple[float, ...]]]:
         """One ``generate`` call over token rows: (kept token ids, their summed logprob, kept text, whether
-        a stop string cut it) each (:func:`capvqa.llm.kept_completion`)."""
+        a stop string cut it) each (:func:`capvqa.llm.kept_completion`), then the row's generated tokens
+        as text and their log-probabilities through the one that ended it
+        (:func:`capvqa.llm.generated_through_end`)."""
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -371,9 +379,11 @@ class HuggingFaceLM:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
         results = []
-        for r, tokens in enumerate(generated.tolist()):
-            tokens = tokens[: first_eos(tokens, self.eos_ids)]
-            results.append(kept_completion(decode, tokens, token_logprobs[r].tolist(), settings.stop))
+        for r, row in enumerate(generated.tolist()):
+            row_logprobs = token_logprobs[r].tolist()
+            tokens = row[: first_eos(row, self.eos_ids)]
+            ended = generated_through_end(decode, row, row_logprobs, self.eos_ids, settings.stop)
+            results.append((*kept_completion(decode, tokens, row_logprobs, settings.stop), *ended))
         return results
 
     def close(self) -> None:

@@ -5,6 +5,9 @@
 ``choices[0].text`` (cut at the first stop string again, in case a server ignores ``stop``) and its
 log-probability the sum of ``choices[0].logprobs.token_logprobs`` over the tokens that produced the kept
 text (:func:`capvqa.llm.covering_prefix_length`; servers differ in whether they return the stop token).
+The listed ``logprobs.tokens`` and ``token_logprobs`` are also kept whole, as the server sent them
+(``Completion.generated_tokens``): PICa's ensemble score reads them the way its reference read
+OpenAI's (:func:`capvqa.llm.logprob_until_newline`).
 Whether a stop string ended the completion (``Completion.stopped``, which Img2LLM's answer rule reads)
 comes from the response, since servers drop the stop string from the text (:func:`stopped_at_stop`).
 A segmented prompt (:mod:`capvqa.llm`) is sent as its joined text: the server tokenises text, so the
@@ -293,12 +296,18 @@ def completion_from_response(payload: dict[str, Any], stop: Sequence[str]) -> Co
     if not values:
         return Completion(text=text, logprob=None if text else 0.0, num_tokens=0, stopped=stopped)
     tokens = logprobs.get("tokens")
+    listed: tuple[str, ...] | None = None
     if isinstance(tokens, list) and len(tokens) == len(values):
         kept = covering_prefix_length(list(accumulate(str(t) for t in tokens)), text)
+        listed = tuple(str(t) for t in tokens)
     else:
         kept = len(values)
     total = sum(float(v) for v in values[:kept] if v is not None)
-    return Completion(text=text, logprob=total, num_tokens=kept, stopped=stopped)
+    listed_logprobs = None if listed is None else tuple(0.0 if v is None else float(v) for v in values)
+    return Completion(
+        text=text, logprob=total, num_tokens=kept, stopped=stopped, generated_tokens=listed,
+        generated_logprobs=listed_logprobs,
+    )
 
 
 # TGI's finish reason for a stop string (besides the OpenAI schema's "stop", "length", "content_filter")

@@ -12,7 +12,9 @@ decoding is greedy (temperature 0); vLLM's default ``raw_logprobs`` mode gives t
 log-probability under the raw logits, as ``output_logits`` does there; and each row is cut and scored by
 :func:`capvqa.llm.kept_completion`. vLLM stops a row at a stop string (kept in its output, so the cut is
 ours, and so is ``Completion.stopped``: whether a stop string cut the text, as there) or at
-end-of-sequence.
+end-of-sequence; the token that stopped it is in its ``token_ids`` with its log-probability, so
+``Completion.generated_tokens`` (PICa's ensemble score) holds it as there
+(:func:`capvqa.llm.generated_through_end`).
 
 Install with ``pip install 'capvqa[vllm]'`` (Linux, CUDA). Causal LMs only.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 from capvqa.engine.runtime import Runtime
 from capvqa.errors import ConfigError, ModelLoadError
-from capvqa.llm import Completion, GenerationSettings, Segments, kept_completion
+from capvqa.llm import Completion, GenerationSettings, Segments, generated_through_end, kept_completion
 from capvqa.llm.huggingface import encode_prompts, first_eos, prompt_token_limit
 from capvqa.models.loading import ModelRef
 
@@ -115,13 +117,15 @@ class VLLMBackend:
         completions = []
         for output, (_, dropped) in zip(outputs, encoded):
             sequence = output.outputs[0]
-            tokens = list(sequence.token_ids)
-            tokens = tokens[: first_eos(tokens, self.eos_ids)]
-            logprobs = [step[token].logprob for step, token in zip(sequence.logprobs, tokens)]
+            row = list(sequence.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(sequence.logprobs, row)]
+            tokens = row[: first_eos(row, self.eos_ids)]
             kept, logprob, text, stopped = kept_completion(decode, tokens, logprobs, settings.stop)
+            pieces, piece_logprobs = generated_through_end(decode, row, logprobs, self.eos_ids, settings.stop)
             completions.append(
                 Completion(text=text, logprob=logprob, num_tokens=len(kept), prompt_tokens_dropped=dropped,
-                           token_ids=tuple(kept), stopped=stopped)
+                           token_ids=tuple(kept), stopped=stopped, generated_tokens=pieces,
+                           generated_logprobs=piece_logprobs)
             )
         return completions
 

@@ -28,10 +28,11 @@ dataset's train2014 split under the run's data root; any other dataset (``sample
 pools itself, its own split. The run's ``config.yaml`` records the resolved pool.
 
 Pool captions: an example's context is the first COCO caption of its image when ``pool_captions`` names a
-captions file; images it lacks are captioned by ``pool_captioner``, which names the pipeline stage whose
-captioner to reuse (``caption`` in ``pipelines/pica*.yaml``). Config building replaces the name by that
-stage's built config, so pool captions use exactly its settings and the run's dtype and share its cache
-entries; each setting is stated once, in the caption stage.
+captions file, verbatim (whitespace and all, as the original code puts it into the prompt); images it
+lacks are captioned by ``pool_captioner``, which names the pipeline stage whose captioner to reuse
+(``caption`` in ``pipelines/pica*.yaml``). Config building replaces the name by that stage's built
+config, so pool captions use exactly its settings and the run's dtype and share its cache entries; each
+setting is stated once, in the caption stage.
 
 The pool (captions, embeddings, disk cache) is assembled in :mod:`capvqa.data.example_pool`. This stage's
 cache key holds the CLIP model, the pool captioner (the caption stage's fingerprint: its settings and
@@ -241,7 +242,8 @@ def question_key(question: str) -> str:
 
 class ExampleSelection:
     NAME: ClassVar[str] = "pica_example_selection"
-    VERSION: ClassVar[str] = "1"
+    # 2: COCO captions are kept as the file has them (whitespace included), as PICa's reference does
+    VERSION: ClassVar[str] = "2"
     INPUTS: ClassVar[tuple[str, ...]] = ()
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("clip_model",)
     Config = ExampleSelectionConfig

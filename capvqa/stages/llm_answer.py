@@ -6,11 +6,11 @@ docs/methods.md#decoding-ensemble-and-post-processing (PICa).
 Reads the prompt record of an upstream stage (``prompts``: one prompt for Img2LLM, ``n_ensemble`` for
 PICa), completes every prompt greedily with at most ``max_new_tokens`` tokens, cut at the first stop
 string, post-processes each completion with the method's rule (:mod:`capvqa.text.answer_postprocess`)
-and, with several prompts, keeps the candidate whose summed token log-probability is highest (PICa's
-ensemble). All prompts of all items of a batch go to the backend together, so a local model decodes them
-in a few batched ``generate`` calls and an API client keeps ``concurrency`` requests in flight. Every
-answer records which post-processing ran (``postprocess``, e.g.
-``img2llm+okvqa(lemmatizer=nltk3.8.1-wordnet3.0)``), so it shows per item in a run's records.jsonl.
+and, with several prompts, keeps the candidate whose score is highest (PICa's ensemble). All prompts of
+all items of a batch go to the backend together, so a local model decodes them in a few batched
+``generate`` calls and an API client keeps ``concurrency`` requests in flight. Every answer records
+which post-processing ran (``postprocess``, e.g. ``img2llm+okvqa(lemmatizer=nltk3.8.1-wordnet3.0)``), so
+it shows per item in a run's records.jsonl.
 
 Img2LLM's rule (``postprocess: img2llm``) is the authors' ``postprocess_Answer`` and
 ``remove_useless_token``. The authors generate 10 tokens without stop strings and look for the first
@@ -32,6 +32,15 @@ API backend, which can only send the joined text. Records without the field (PIC
 
 Precision: a local model runs in the run's dtype, or on CUDA in ``cuda_dtype`` when set (Img2LLM's
 configs: float16, as the authors ran OPT). The dtype it runs in is part of the cache key.
+
+A candidate's score (``logprob``) depends on the method. With PICa's rule (``postprocess: pica``) it is
+the reference's: the token log-probabilities the backend reports through the token that ended
+generation, summed in order up to the first token that is exactly a line break
+(:func:`capvqa.llm.logprob_until_newline` on ``Completion.generated_tokens``). A token that only
+contains the line break ("\\n\\n", ".\\n") therefore counts, as it did in the reference, although it
+produced no kept character. With the other rules it is ``Completion.logprob``, the sum over the tokens
+that produced the kept text (:func:`capvqa.llm.covering_prefix_length`). A backend that reports no
+generated tokens (a server without ``logprobs.tokens``) is scored by ``Completion.logprob`` for PICa too.
 
 One deliberate difference from PICa's reference: a candidate whose answer is empty after
 post-processing is chosen only when every candidate is empty. The reference sums log-probabilities
@@ -56,7 +65,7 @@ from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
 from capvqa.eval.lemmatize import OKVQA_ANALYZER_KINDS
-from capvqa.llm import Completion, GenerationSettings, LLMBackend
+from capvqa.llm import Completion, GenerationSettings, LLMBackend, logprob_until_newline
 from capvqa.text.answer_postprocess import check_rule, postprocess_answer, postprocess_name
 
 log = logging.getLogger(__name__)
@@ -174,8 +183,9 @@ class LLMAnswerConfig:
 class LLMAnswer:
     """The chosen answer of one item, with every candidate (one per prompt) it was chosen from.
 
-    ``raw`` is the chosen completion cut at the stop string, ``answer`` it post-processed, ``logprob`` the
-    summed log-probability of the tokens that produced ``raw`` (None only when an API returned none),
+    ``raw`` is the chosen completion cut at the stop string, ``answer`` it post-processed, ``logprob`` its
+    score (:func:`candidate_score`: for PICa the reference's sum up to the line-break token, else the
+    summed log-probability of the tokens that produced ``raw``; None only when an API returned none),
     ``prompt_index`` which prompt produced it. ``candidates`` hold ``raw``, ``answer``, ``logprob``,
     ``num_tokens``, ``prompt_tokens_dropped`` (prompt tokens removed on the left to fit the context) and
     ``stopped`` (whether a stop string ended the completion) per prompt. ``postprocess`` names the rule
@@ -191,9 +201,24 @@ class LLMAnswer:
     prompt_tokens_dropped: int = 0
 
 
-def candidate_record(completion: Completion, answer: str) -> dict[str, Any]:
-    """A candidate as stored in :class:`LLMAnswer` (JSON values only)."""
-    logprob = completion.logprob
+def candidate_score(completion: Completion, rule: str) -> float | None:
+    """The log-probability a candidate is ranked and recorded by (see the module docstring).
+
+    PICa's rule (``rule == "pica"``): the reference's sum up to the first line-break token over the
+    generated tokens the backend reports (:func:`capvqa.llm.logprob_until_newline`), or
+    ``completion.logprob`` when it reports none. Every other rule: ``completion.logprob``, the tokens
+    that produced the kept text (Img2LLM's answers record this).
+    """
+    tokens, values = completion.generated_tokens, completion.generated_logprobs
+    if rule == "pica" and tokens is not None and values is not None:
+        return logprob_until_newline(tokens, values)
+    return completion.logprob
+
+
+def candidate_record(completion: Completion, answer: str, logprob: float | None = None) -> dict[str, Any]:
+    """A candidate as stored in :class:`LLMAnswer` (JSON values only); ``logprob`` is its score
+    (default: ``completion.logprob``)."""
+    logprob = completion.logprob if logprob is None else logprob
     if logprob is not None and not math.isfinite(logprob):
         logprob = None  # a NaN/inf from a broken model would not survive the JSON cache
     return {
@@ -266,7 +291,9 @@ class LLMAnswerer:
     NAME: ClassVar[str] = "llm_answer"
     # 2: Img2LLM's rule as the authors' postprocess_Answer + remove_useless_token (the phrase list on
     # every dataset, OK-VQA lemmas only after a "." or line break); candidates record ``stopped``
-    VERSION: ClassVar[str] = "1"  # "2" for Img2LLM's answers (set in __init__), see there
+    # 3: PICa's ensemble score is the reference's (summed up to the first line-break token, which a
+    # "\n\n" token is not), so its chosen answers can change
+    VERSION: ClassVar[str] = "1"  # "2" for Img2LLM's answers, "3" for PICa's (set in __init__), see there
     INPUTS: ClassVar[tuple[str, ...]] = ("prompt",)
     INPUT_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"prompt": ("prompts",)}
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
@@ -282,8 +309,11 @@ class LLMAnswerer:
         self.config = _resolve_lemmatizer(config or LLMAnswerConfig(**overrides))
         if self.config.postprocess == "img2llm":
             # Img2LLM's answers follow its authors' rules since version 2 (cut flag, leading phrases on
-            # every dataset, NLTK lemmas); PICa's rule did not change, so its cached answers stay valid
+            # every dataset, NLTK lemmas)
             self.VERSION = "2"
+        elif self.config.postprocess == "pica":
+            # PICa's ensemble score follows the reference since version 3 (candidate_score)
+            self.VERSION = "3"
         self._backend: LLMBackend | None = llm
         self._injected = llm is not None
         self._lemmatizer: Any = None  # the OK-VQA analyzer (capvqa.text.answer_postprocess.OkvqaAnalyzer)
@@ -454,6 +484,7 @@ class LLMAnswerer:
                     c.text, cfg.postprocess, okvqa=cfg.okvqa, lemmatize=self._lemmatizer,
                     stopped=c.stopped and self._stops_are_img2llms,
                 ),
+                candidate_score(c, cfg.postprocess),
             )
             for c in completions
         ]

@@ -24,7 +24,8 @@ setting has to be stated twice:
   (``--set examples.n_shot=8``);
 - tags are used exactly when a ``tags`` input is wired (``inputs: {caption: ..., examples: ..., tags:
   ...}`` as in ``pica-full``): the query context is then the caption, ``". "`` and the comma-joined tag
-  names -- as the original builds ``caption + '. ' + ', '.join(tags)``; examples carry their caption alone.
+  names -- as the original builds ``caption + '. ' + ', '.join(tags)``, so an image without any tag
+  still gets the ``". "`` (context ``"a dog. "``); examples carry their caption alone.
 
 With ``n_ensemble`` > 1, prompt r takes the ranked examples [r*n_shot, (r+1)*n_shot); the answer stage
 keeps the prompt whose answer has the highest summed log-probability. When the pool gave fewer examples
@@ -54,9 +55,11 @@ PICA_HEADER = "Please answer the question according to the above context.\n===\n
 # ------------------------------------------------------------------------------------ pure helpers
 
 
-def query_context(caption: str, tags: Sequence[str] = ()) -> str:
-    """The query's context line: the caption, plus ``". "`` and the comma-joined tags when there are any."""
-    return f"{caption}. {', '.join(tags)}" if tags else caption
+def query_context(caption: str, tags: Sequence[str] | None = None) -> str:
+    """The query's context line: the caption alone without tags (None: no ``tags`` input wired), else the
+    caption, ``". "`` and the comma-joined tags -- also for an empty list, which gives ``caption + ". "``
+    exactly as the original's ``caption + '. ' + ', '.join(tags)`` does."""
+    return caption if tags is None else f"{caption}. {', '.join(tags)}"
 
 
 def example_block(caption: str, question: str, answer: str) -> str:
@@ -109,7 +112,8 @@ class PicaPrompts:
 
 class PicaPrompt:
     NAME: ClassVar[str] = "pica_prompt"
-    VERSION: ClassVar[str] = "1"
+    # 2: with tags wired, an image without tags gets caption + ". " (the reference's), not the caption alone
+    VERSION: ClassVar[str] = "2"
     INPUTS: ClassVar[tuple[str, ...]] = ("caption", "examples")
     OPTIONAL_INPUTS: ClassVar[tuple[str, ...]] = ("tags",)  # wired: the query context carries the tags
     # checked when the config loads: the slicing comes from the examples record, so it must carry it
@@ -139,7 +143,7 @@ class PicaPrompt:
                 "inputs"
             )
         tags_record = entry.upstream.get("tags")
-        tags = list(tags_record.tags) if tags_record is not None else []
+        tags = list(tags_record.tags) if tags_record is not None else None
         context = query_context(caption_text(entry.upstream["caption"]), tags)
         selected = entry.upstream["examples"]
         slices = ensemble_slices(selected.examples, selected.n_shot, selected.n_ensemble)
