@@ -16,7 +16,8 @@ def bench(
     size: Annotated[str | None, typer.Option(help="base | large | 3b (the UnifiedQA reader); default: the pipeline's size, base for pnp-vqa.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architectures and vocabulary sizes with random weights (no download).")] = False,
     models: Annotated[str | None, typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
-    questions: Annotated[int, typer.Option(help="Synthetic questions (one image each).")] = 4,
+    questions: Annotated[int, typer.Option(help="Synthetic questions.")] = 4,
+    questions_per_image: Annotated[int, typer.Option(help="Consecutive questions per synthetic image (VQAv2 has about 5.4): the stages encode an image once for all its questions of a batch.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Batch size of every stage.")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | mps (default: best available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
@@ -46,7 +47,8 @@ def bench(
     if models not in (None, "tiny"):
         raise ConfigError(f"--models {models!r}: only 'tiny' is measured (or --random-weights for real sizes)")
     resolve_bench_config(pipeline, size)
-    check_bench_counts(questions=questions, batch_size=batch_size, num_captions=num_captions,
+    check_bench_counts(questions=questions, questions_per_image=questions_per_image, batch_size=batch_size,
+                       num_captions=num_captions,
                        num_patches=num_patches, caption_tokens=caption_tokens, answer_tokens=answer_tokens,
                        threads=threads)
     if (peak_tflops is not None or peak_bandwidth_gbs is not None) and not roofline:
@@ -59,13 +61,14 @@ def bench(
     with stage_progress(enabled=True) as progress:
         result = run_benchmark(
             pipeline, size=size, models="random" if random_weights else models, questions=questions,
+            questions_per_image=questions_per_image,
             batch_size=batch_size, device=device, dtype=dtype, num_captions=num_captions, num_patches=num_patches,
             caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, roofline=roofline,
             peak_tflops=peak_tflops, peak_bandwidth_gbs=peak_bandwidth_gbs, progress=progress,
             keep_freed_host_memory=True,  # as capvqa run does, so the figures match a real run's
         )
     table = Table(title=f"{result['settings']['pipeline']} on {escape(result['device'])}, {result['settings']['dtype']}, "
-                        f"{questions} questions, batch {batch_size}")
+                        f"{questions} questions ({questions_per_image} per image), batch {batch_size}")
     for column in ("stage", "s / question", "tokens / s", "peak memory", "model load s"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for name, stage in result["stages"].items():

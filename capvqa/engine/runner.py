@@ -140,6 +140,9 @@ class StageStats:
     compute_seconds: float = 0.0
     wall_seconds: float = 0.0
     oom_splits: int = 0
+    # distinct images among each computed batch's items, summed over batches: how many images a stage
+    # that encodes each distinct image of a batch once (matching, captioning) encoded
+    batch_images: int = 0
 
     def to_json(self) -> dict[str, Any]:
         per_item = self.compute_seconds / self.computed if self.computed else None
@@ -153,6 +156,7 @@ class StageStats:
             "compute_seconds": round(self.compute_seconds, 4),
             "wall_seconds": round(self.wall_seconds, 4),
             "oom_splits": self.oom_splits,
+            "batch_images": self.batch_images,
             "seconds_per_computed_item": round(per_item, 6) if per_item is not None else None,
             "computed_items_per_second": round(self.computed / self.compute_seconds, 4)
             if self.compute_seconds > 0
@@ -173,6 +177,7 @@ def merge_rank_stats(per_rank: list[list[StageStats]]) -> list[StageStats]:
             compute_seconds=max(s.compute_seconds for s in stage_stats),
             wall_seconds=max(s.wall_seconds for s in stage_stats),
             oom_splits=sum(s.oom_splits for s in stage_stats),
+            batch_images=sum(s.batch_images for s in stage_stats),
         ))
     return merged
 
@@ -323,6 +328,22 @@ def _free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def batch_order(image_keys: Sequence[str], costs: Sequence[float] | None = None) -> list[int]:
+    """The order a window's misses are batched in: the questions of one image side by side, so a batch
+    holds an image's questions together and a stage encodes it once (stages encode each distinct image
+    of a batch once; VQAv2 has about 5.4 questions per image). Images whose costliest question costs
+    most come first (longest first keeps padding small and shows an out-of-memory error on the first
+    batch), and within an image its questions by cost; ties keep the window's order. An item's result
+    does not depend on which items share its batch, up to float rounding (docs in
+    capvqa/engine/distributed.py), so this reordering changes no result."""
+    groups: dict[str, list[int]] = {}
+    for index, key in enumerate(image_keys):
+        groups.setdefault(key, []).append(index)
+    cost_of = (lambda i: costs[i]) if costs is not None else (lambda i: 0)
+    ordered = sorted(groups.values(), key=lambda members: -max(cost_of(i) for i in members))
+    return [i for members in ordered for i in sorted(members, key=lambda i: -cost_of(i))]
 
 
 def windows(items: Iterable[VQAItem], size: int) -> Iterator[list[VQAItem]]:
@@ -492,7 +513,7 @@ class PipelineRunner:
                     ready = True
                 inputs = self._stage_inputs(bound, misses)
                 cost = getattr(stage, "cost", None)
-                order = sorted(range(len(inputs)), key=lambda i: -cost(inputs[i])) if cost else list(range(len(inputs)))
+                order = batch_order([k.image_hash for k in misses], [cost(x) for x in inputs] if cost else None)
                 for start in range(0, len(order), batch_size):
                     chosen = order[start : start + batch_size]
                     self._run_batch(bound, [misses[i] for i in chosen], [inputs[i] for i in chosen], stats)
@@ -551,6 +572,7 @@ class PipelineRunner:
                 handle.write(json.dumps({"stage": bound.name, "pid": os.getpid(), "keys": keys}) + "\n")
         stats.computed += len(batch)
         stats.batches += 1
+        stats.batch_images += len({k.image_hash for k in keyed})
 
     def _stage_inputs(self, bound: BoundStage, misses: list[KeyedItem]) -> list[StageInput]:
         # (source stage, key) -> what it is, for the error message; upstream results, then neighbours'
