@@ -2,7 +2,7 @@
 
 Run in the reference venv (LAVIS 1.0.2, transformers 4.26), never in the project's::
 
-    /work/lavis-venv/bin/python tests/parity/reference/generate_blip.py [--out DIR]
+    .reference-venv/bin/python tests/parity/reference/generate_blip.py [--out DIR]
 
 What runs (docs/methods.md#matching-gradcam, #question-guided-captioning, #captions-and-the-itm-filter):
 

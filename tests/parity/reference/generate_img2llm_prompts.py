@@ -2,7 +2,7 @@
 
 Usage (the reference venv, see make_reference_venv.sh; nothing is downloaded, no model is built)::
 
-    /work/lavis-venv/bin/python tests/parity/reference/generate_img2llm_prompts.py [--output PATH]
+    .reference-venv/bin/python tests/parity/reference/generate_img2llm_prompts.py [--output PATH]
 
 capvqa's ``variant: lavis`` of the Img2LLM prompt stage exists to equal LAVIS's
 ``Img2PromptVQA.prompts_construction`` (lavis/models/img2prompt_models/img2prompt_vqa.py, with the
