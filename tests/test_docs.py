@@ -53,6 +53,9 @@ PUBLISHED_SECTIONS = {
     "pnp-vqa": "pnp-vqa-published-accuracy",
     "img2llm": "img2llm-published-accuracy",
     "pica": "pica-published-accuracy",
+    "blip2": "blip-2-published-accuracy",
+    "frozen": "frozen-published-accuracy",
+    "flamingo": "flamingo-published-accuracy",
 }
 NOT_REPORTED = frozenset({"", "—", "-", "–"})
 

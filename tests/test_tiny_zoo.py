@@ -254,6 +254,35 @@ def test_clip_features(zoo, images):
 
 
 # ---------------------------------------------------------------------------------------------------
+# End-to-end vision-language models
+
+
+@pytest.mark.parametrize(("role", "model_name", "processor_name"), [
+    ("blip2", "Blip2ForConditionalGeneration", "Blip2Processor"),
+    ("blip2_opt", "Blip2ForConditionalGeneration", "Blip2Processor"),
+    ("instructblip", "InstructBlipForConditionalGeneration", "InstructBlipProcessor"),
+    ("llava", "LlavaForConditionalGeneration", "LlavaProcessor"),
+])
+def test_vision_language_models_generate(zoo, images, role, model_name, processor_name):
+    processor = AutoProcessor.from_pretrained(zoo[role])
+    model = AutoModelForImageTextToText.from_pretrained(zoo[role])
+    assert type(model).__name__ == model_name and type(processor).__name__ == processor_name
+    image_token = model.config.image_token_index if hasattr(model.config, "image_token_index") else None
+    assert image_token == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.get_text_config().vocab_size > image_token
+    text = ["Question: what is it? Short answer:"] * 2
+    if role == "llava":
+        text = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}],
+            add_generation_prompt=True, tokenize=False)] * 2
+        assert text[0] == "USER: <image>\nwhat is it? ASSISTANT:"
+    inputs = processor(images=[image.convert("RGB") for image in images], text=text, padding=True,
+                       return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert out.shape[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
 # Real-size tokenizer builders
 
 

@@ -15,7 +15,13 @@ from capvqa.report.gallery import GalleryItem, answer_counts
 from capvqa.report.htmlkit import Markup, join, script_json, tag
 from capvqa.report.model import ReportData, RunView
 from capvqa.report.plots import all_charts
-from capvqa.report.published import DATASET_NAMES, METHOD_NAMES, published_table
+from capvqa.report.published import (
+    COMPARISON_ONLY_METHODS,
+    DATASET_NAMES,
+    END_TO_END_METHODS,
+    METHOD_NAMES,
+    published_table,
+)
 from capvqa.report.stage_views import render_stages
 from capvqa.report.summary import format_config_value, format_delta, format_number
 from capvqa.report.thumbnails import data_uri
@@ -244,7 +250,10 @@ def _published_section(data: ReportData) -> Markup:
                         tag("td", None, view.published.describe())))
     parts = [tag("h2", None, "Published numbers"),
              tag("table", None, tag("tr", None, [tag("th", None, h) for h in header]), rows)]
-    for method in dict.fromkeys(v.published.method for v in data.runs if v.published.method in METHOD_NAMES):
+    methods = [v.published.method for v in data.runs if v.published.method in METHOD_NAMES]
+    if any(v.published.method in END_TO_END_METHODS for v in data.runs):
+        methods += COMPARISON_ONLY_METHODS  # systems capvqa cannot run, for comparison
+    for method in dict.fromkeys(methods):
         parts.append(_paper_table(method, data.runs))
     return tag("section", {"id": "published"}, parts)
 

@@ -36,11 +36,21 @@ class PublishedResult:
 PNP_SOURCE = "Tiong et al., 2022 (PNP-VQA)"
 IMG2LLM_SOURCE = "Guo et al., 2023 (Img2LLM)"
 PICA_SOURCE = "Yang et al., 2022 (PICa)"
+BLIP2_SOURCE = "Li et al., 2023 (BLIP-2), Table 2"
+# seed systems without a transformers port, listed with the numbers BLIP-2's Table 2 compares against
+FROZEN_SOURCE = "Tsimpoukelli et al., 2021 (Frozen), as listed in BLIP-2's Table 2"
+FLAMINGO_SOURCE = "Alayrac et al., 2022 (Flamingo), as listed in BLIP-2's Table 2"
 
 
 def _pnp(size: str, values: tuple[float, float, float, float]) -> list[PublishedResult]:
     keys = ("vqav2-val", "vqav2-test-dev", "okvqa-test", "gqa-test-dev")
     return [PublishedResult("pnp-vqa", size, k, v, PNP_SOURCE, f"BLIP ViT-L ITM + captioner, UnifiedQA-v2 {size}")
+            for k, v in zip(keys, values)]
+
+
+def _blip2(size: str, values: tuple[float, float, float, float]) -> list[PublishedResult]:
+    keys = ("vqav2-val", "vqav2-test-dev", "okvqa-test", "gqa-test-dev")
+    return [PublishedResult("blip2", size, k, v, BLIP2_SOURCE, f"ViT-g + {size}, zero-shot")
             for k, v in zip(keys, values)]
 
 
@@ -59,9 +69,25 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     PublishedResult("pica", "full", "okvqa-test", 46.9, PICA_SOURCE, "GPT-3, caption, CLIP examples, 5-prompt ensemble"),
     PublishedResult("pica", "full+tags", "okvqa-test", 48.0, PICA_SOURCE,
                     "GPT-3, caption + tags, CLIP examples, 5-prompt ensemble"),
+    *_blip2("OPT-2.7B", (53.5, 52.3, 31.7, 34.6)),
+    *_blip2("OPT-6.7B", (54.3, 52.6, 36.4, 36.4)),
+    *_blip2("FlanT5-XL", (63.1, 63.0, 40.7, 44.2)),
+    *_blip2("FlanT5-XXL", (65.2, 65.0, 45.9, 44.7)),
+    PublishedResult("frozen", "7B", "vqav2-val", 29.6, FROZEN_SOURCE, "zero-shot"),
+    PublishedResult("frozen", "7B", "okvqa-test", 5.9, FROZEN_SOURCE, "zero-shot"),
+    *(PublishedResult("flamingo", size, key, value, FLAMINGO_SOURCE, "zero-shot")
+      for size, values in (("3B", (49.2, 41.2)), ("9B", (51.8, 44.7)), ("80B", (56.3, 50.6)))
+      for key, value in zip(("vqav2-test-dev", "okvqa-test"), values)),
 )
 
-METHOD_NAMES = {"pnp-vqa": "PNP-VQA", "img2llm": "Img2LLM", "pica": "PICa"}
+METHOD_NAMES = {"pnp-vqa": "PNP-VQA", "img2llm": "Img2LLM", "pica": "PICa", "blip2": "BLIP-2",
+                "frozen": "Frozen", "flamingo": "Flamingo"}
+# end-to-end methods capvqa runs, and the seed systems it cannot run whose numbers a report on those
+# methods shows for comparison (docs/methods.md#end-to-end-vision-language-models)
+END_TO_END_METHODS = ("blip2", "instructblip", "llava", "qwen-vl")
+COMPARISON_ONLY_METHODS = ("frozen", "flamingo")
+# BLIP-2 hub checkpoints (all ViT-g) -> the size names of the paper's Table 2
+_BLIP2_SIZES = {"opt-2.7b": "OPT-2.7B", "opt-6.7b": "OPT-6.7B", "flan-t5-xl": "FlanT5-XL", "flan-t5-xxl": "FlanT5-XXL"}
 
 PNP_PAPER_VISION_MODELS = {
     "itm": "Salesforce/blip-itm-large-coco",
@@ -159,6 +185,12 @@ def model_size(method: str, models: dict[str, Any], config: dict[str, Any]) -> t
         if "random" in selection and uses_tags:
             return "base", ""
         return None, "PICa setting (examples, tags, ensemble) matches none of the published ones"
+    if method == "blip2":
+        model = str(next(iter(models.values()), "") if len(models) == 1 else "")
+        found = re.search(r"blip2-(opt-\d+(?:\.\d+)?b|flan-t5-xxl|flan-t5-xl)$", model.lower().rstrip("/"))
+        if not found or found.group(1) not in _BLIP2_SIZES:
+            return None, f"model {model or '?'} is not one of the paper's BLIP-2 checkpoints"
+        return _BLIP2_SIZES[found.group(1)], ""
     return None, f"no published numbers for method {method!r}"
 
 

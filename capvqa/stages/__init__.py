@@ -22,6 +22,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "ClipTags": "capvqa.stages.clip_tags",
     "ExampleSelection": "capvqa.stages.example_selection",
     "PicaPrompt": "capvqa.stages.pica_prompt",
+    "VLMAnswerer": "capvqa.stages.vlm_answer",
 }
 
 #: Dotted paths that saved run configs may still name, from before a module was renamed after its stage.

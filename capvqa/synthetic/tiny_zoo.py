@@ -14,6 +14,14 @@ and inference code as the real checkpoints, in seconds, on a CPU.
 - ``causal_lm``: OPTForCausalLM + GPT2Tokenizer (byte-level BPE, ``</s>`` prepended, left padding);
   for facebook/opt-*.
 - ``clip``: CLIPModel + CLIPProcessor (CLIP BPE, 77 positions); for openai/clip-vit-base-patch16.
+- ``blip2``: Blip2ForConditionalGeneration with a T5 v1.1 LM + Blip2Processor (BLIP image processor, the
+  T5 tokenizer with ``<image>`` added); for Salesforce/blip2-flan-t5-xl.
+- ``blip2_opt``: the same with an OPT LM and OPT's tokenizer; for Salesforce/blip2-opt-2.7b.
+- ``instructblip``: InstructBlipForConditionalGeneration, T5 LM + InstructBlipProcessor (the T5 tokenizer
+  for the LM, BLIP's BERT tokenizer for the Q-Former); for Salesforce/instructblip-flan-t5-xl.
+- ``llava``: LlavaForConditionalGeneration (CLIP vision tower, Llama LM) + LlavaProcessor with llava-hf's
+  chat template (``USER: <image>\n... ASSISTANT:``); for llava-hf/llava-1.5-7b-hf. The tokenizer is
+  OPT's byte-level BPE with Llama's ``<s>``/``</s>`` and ``<image>``, not Llama's SentencePiece BPE.
 
 The weights are random: outputs have the right shapes and types, not meaning. Two builds write
 byte-identical files (fixed seed per role, single-threaded tokenizer training), so a folder's hash can
@@ -34,6 +42,9 @@ from typing import Any
 
 import torch
 from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
@@ -41,6 +52,13 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPProcessor,
+    GPT2Tokenizer,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedModel,
@@ -55,18 +73,23 @@ from capvqa.synthetic import offline_tokenizers
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 2  # 2: the ITM head is centred (centre_itm_head), OPT has 2048 positions as the real ones
+# 2: the ITM head is centred (centre_itm_head), OPT has 2048 positions as the real ones
+# 3: end-to-end vision-language models (blip2, blip2_opt, instructblip, llava)
+ZOO_VERSION = 3
 ZOO_SEED = 1234
 MANIFEST_NAME = "manifest.json"
-ROLES: tuple[str, ...] = ("itm", "captioner", "reader", "qg", "causal_lm", "clip")
+ROLES: tuple[str, ...] = (
+    "itm", "captioner", "reader", "qg", "causal_lm", "clip", "blip2", "blip2_opt", "instructblip", "llava",
+)
 
-# Sizes shared by the roles (kept small: the whole zoo is ~2 MB and builds in a few seconds).
+# Sizes shared by the roles (kept small: the whole zoo is ~7 MB and builds in a few seconds).
 IMAGE_SIZE = 64  # 64 / 16 = 4x4 patches (+ CLS): same code paths as 384 px / 24x24, 36x less work
 PATCH_SIZE = 16
 T5_SP_VOCAB = 500
 T5_EXTRA_IDS = 10
 OPT_VOCAB = 600
 CLIP_VOCAB = 1000
+NUM_QUERY_TOKENS = 4  # BLIP-2 / InstructBLIP Q-Former queries (real: 32)
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,11 @@ _ENTRIES = (
     ("qg", "T5ForConditionalGeneration", "T5Tokenizer", "google/t5-large-lm-adapt"),
     ("causal_lm", "OPTForCausalLM", "GPT2Tokenizer", "facebook/opt-6.7b"),
     ("clip", "CLIPModel", "CLIPProcessor", "openai/clip-vit-base-patch16"),
+    ("blip2", "Blip2ForConditionalGeneration", "Blip2Processor", "Salesforce/blip2-flan-t5-xl"),
+    ("blip2_opt", "Blip2ForConditionalGeneration", "Blip2Processor", "Salesforce/blip2-opt-2.7b"),
+    ("instructblip", "InstructBlipForConditionalGeneration", "InstructBlipProcessor",
+     "Salesforce/instructblip-flan-t5-xl"),
+    ("llava", "LlavaForConditionalGeneration", "LlavaProcessor", "llava-hf/llava-1.5-7b-hf"),
 )
 
 
@@ -253,6 +281,76 @@ def tiny_clip_config(
     )
 
 
+def _tiny_vision_tower(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, hidden: int = 32) -> dict:
+    return {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size}
+
+
+def _tiny_qformer(vision_hidden: int = 32, **extra: Any) -> dict:
+    return {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "encoder_hidden_size": vision_hidden, **extra}
+
+
+def tiny_blip2_config(
+    text_config: T5Config | OPTConfig, *, image_token_index: int, num_query_tokens: int = NUM_QUERY_TOKENS
+) -> Blip2Config:
+    """A small BLIP-2: ViT, Q-Former with ``num_query_tokens`` queries, and ``text_config``'s LM."""
+    return Blip2Config(vision_config=_tiny_vision_tower(), qformer_config=_tiny_qformer(),
+                       text_config=text_config.to_dict(), num_query_tokens=num_query_tokens,
+                       image_token_index=image_token_index)
+
+
+def tiny_instructblip_config(
+    text_config: T5Config, *, qformer_vocab_size: int, image_token_index: int,
+    num_query_tokens: int = NUM_QUERY_TOKENS,
+) -> InstructBlipConfig:
+    """A small InstructBLIP: as BLIP-2, with a Q-Former that also reads the instruction (BERT vocab)."""
+    return InstructBlipConfig(vision_config=_tiny_vision_tower(),
+                              qformer_config=_tiny_qformer(vocab_size=qformer_vocab_size),
+                              text_config=text_config.to_dict(), num_query_tokens=num_query_tokens,
+                              image_token_index=image_token_index)
+
+
+def tiny_llava_config(
+    *, vocab_size: int, image_token_index: int, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+    hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, max_position_embeddings: int = 4096,
+) -> LlavaConfig:
+    """A small LLaVA-1.5: CLIP vision tower (features of its second-to-last layer, CLS dropped), a
+    two-layer MLP projector and a Llama LM."""
+    patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    vision = dict(_tiny_vision_tower(), model_type="clip_vision_model", projection_dim=16)
+    text = {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+            "max_position_embeddings": max_position_embeddings, "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_index,
+                       image_seq_length=patches, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+
+
+# llava-hf/llava-1.5-*-hf's chat template, in effect: "USER: <image>\n{text} ASSISTANT:"
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_llava_tokenizer(vocab_size: int = OPT_VOCAB, model_max_length: int = 4096) -> GPT2Tokenizer:
+    """Byte-level BPE with Llama's special tokens (``<s>`` prepended, ``</s>``, ``<unk>``), a pad token
+    and ``<image>`` as llava-hf adds them; left padding."""
+    vocab, merges = offline_tokenizers.opt_bpe_vocab(vocab_size=vocab_size)
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              pad_token="<pad>", add_bos_token=True, add_prefix_space=False, padding_side="left",
+                              model_max_length=model_max_length)
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------
 # Building
 
@@ -379,8 +477,49 @@ def build_tiny_zoo(root: Path) -> dict[str, Path]:
         paths["clip"]
     )
 
+    _build_vision_language_models(paths, seeds)
+
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return paths
+
+
+def _build_vision_language_models(paths: dict[str, Path], seeds: dict[str, int]) -> None:
+    """The end-to-end VLM roles. Each processor adds its image placeholder token to its tokenizer, so
+    every role gets a fresh tokenizer and the LM's vocabulary is sized after that."""
+    t5_size = _round_up(T5_SP_VOCAB + T5_EXTRA_IDS + 1, 64)
+    for role, lm in (("blip2", "t5"), ("blip2_opt", "opt")):
+        if lm == "t5":
+            tokenizer = offline_tokenizers.build_t5_tokenizer(sp_vocab_size=T5_SP_VOCAB, extra_ids=T5_EXTRA_IDS)
+        else:
+            tokenizer = offline_tokenizers.build_opt_tokenizer(vocab_size=OPT_VOCAB, model_max_length=2048)
+        processor = Blip2Processor(image_processor=blip_image_processor(), tokenizer=tokenizer,
+                                   num_query_tokens=NUM_QUERY_TOKENS)
+        text_config = (tiny_t5_config(vocab_size=t5_size, v1_1=True) if lm == "t5"
+                       else tiny_opt_config(vocab_size=_round_up(len(tokenizer) + 1, 16)))
+        config = tiny_blip2_config(text_config, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+        save_random_model(Blip2ForConditionalGeneration, config, paths[role], seeds[role])
+        processor.save_pretrained(paths[role])
+
+    tokenizer = offline_tokenizers.build_t5_tokenizer(sp_vocab_size=T5_SP_VOCAB, extra_ids=T5_EXTRA_IDS)
+    qformer_tokenizer = offline_tokenizers.build_blip_bert_tokenizer()
+    processor = InstructBlipProcessor(image_processor=blip_image_processor(), tokenizer=tokenizer,
+                                      qformer_tokenizer=qformer_tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    config = tiny_instructblip_config(tiny_t5_config(vocab_size=t5_size, v1_1=True),
+                                      qformer_vocab_size=len(qformer_tokenizer),
+                                      image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    save_random_model(InstructBlipForConditionalGeneration, config, paths["instructblip"], seeds["instructblip"])
+    processor.save_pretrained(paths["instructblip"])
+
+    tokenizer = build_llava_tokenizer()
+    processor = LlavaProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                               vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    config = tiny_llava_config(vocab_size=_round_up(len(tokenizer), 16),
+                               image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+    save_random_model(LlavaForConditionalGeneration, config, paths["llava"], seeds["llava"])
+    processor.save_pretrained(paths["llava"])
 
 
 def default_zoo_dir() -> Path:
