@@ -51,8 +51,10 @@ def test_input_is_the_references_by_default():
 
 
 def test_spaced_variant_is_selectable():
-    spaced = qg_inputs(["dog"], ["a dog on a beach", " a man surfing "], SPACED_QG_TEMPLATE, SPACED_CAPTION_SEPARATOR)
+    spaced = qg_inputs(["dog"], ["a dog on a beach", "a man surfing"], SPACED_QG_TEMPLATE, SPACED_CAPTION_SEPARATOR)
     assert spaced == ["answer: dog  context: a dog on a beach a man surfing."]
+    # captions are joined as given, as LAVIS joins them
+    assert qg_inputs(["dog"], [" a dog ", "a man"]) == ["answer: dog.  context:  a dog a man."]
     stage = QuestionGeneration(model="unused", template=SPACED_QG_TEMPLATE, caption_separator=" ")
     assert stage.inputs_for(entry(["a b", "c"], ["b", "yes"], "k")) == [
         "answer: b  context: a b c.", "answer: yes  context: a b c."

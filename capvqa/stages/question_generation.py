@@ -89,9 +89,9 @@ class SyntheticQA:
 
 
 def qg_context(captions: Sequence[str], separator: str = QG_CAPTION_SEPARATOR) -> str:
-    """All captions of a question as one QG context (each stripped of surrounding whitespace, which
-    the caption stage has already done)."""
-    return separator.join(caption.strip() for caption in captions)
+    """All captions of a question as one QG context, joined as given (LAVIS does not strip them;
+    tests/parity/test_t5_parity.py)."""
+    return separator.join(captions)
 
 
 def qg_inputs(answers: Sequence[str], captions: Sequence[str], template: str = QG_TEMPLATE,
@@ -103,7 +103,7 @@ def qg_inputs(answers: Sequence[str], captions: Sequence[str], template: str = Q
 
 class QuestionGeneration:
     NAME: ClassVar[str] = "question_generation"
-    VERSION: ClassVar[str] = "1"
+    VERSION: ClassVar[str] = "2"  # 2: captions joined as given, unstripped, as LAVIS joins them
     INPUTS: ClassVar[tuple[str, ...]] = ("captions", "answers")
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
     Config = QuestionGenerationConfig

