@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,105 @@ from capvqa.engine.store import CacheStore
 
 COMMON = ["run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--limit", "6", "--quiet",
           "--batch-size", "2", "--set", "captioning.num_captions=3", "--set", "captioning.num_patches=4"]
+
+
+class ThreadGroup:
+    """A process group of threads: the collectives capvqa's engine calls, for exchanges in one process."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.slots = size, [None] * size
+        self.meeting = threading.Barrier(size, timeout=60)
+
+    def member(self, rank: int) -> ThreadRank:
+        return ThreadRank(self, rank)
+
+
+@dataclass
+class ThreadRank:
+    group: ThreadGroup
+    rank: int
+
+    active = True
+
+    @property
+    def world_size(self) -> int:
+        return self.group.size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        self.group.meeting.wait()
+
+    def gather(self, value: Any) -> list[Any]:
+        self.group.slots[self.rank] = value
+        self.group.meeting.wait()
+        gathered = list(self.group.slots)
+        self.group.meeting.wait()
+        return gathered
+
+    def gather_to_main(self, value: Any) -> list[Any] | None:
+        gathered = self.gather(value)
+        return gathered if self.is_main else None
+
+
+def test_exchanges_in_many_rounds_give_every_rank_what_it_lacks(tmp_path, monkeypatch):
+    """Three ranks with caches of their own, exchanging in rounds of a few items and keys: the
+    neighbour-reading stage gets every next item's tag from whichever rank made it, and rank 0's cache
+    ends up holding every result, keyed by the hashes the others sent."""
+    import test_neighbour_inputs as neighbours
+
+    from capvqa.engine import result_exchange
+    from capvqa.engine.pipeline import Pipeline
+    from capvqa.engine.registry import register_stage, unregister_stage
+    from capvqa.engine.runner import PipelineRunner
+    from capvqa.engine.runtime import make_runtime
+
+    monkeypatch.setattr(result_exchange, "ROUND_ITEMS", 6)
+    monkeypatch.setattr(result_exchange, "MIN_ROUND_ITEMS", 1)
+    monkeypatch.setattr(result_exchange, "ROUND_KEYS", 3)
+    names = [register_stage(neighbours.TagStage, "NeighbourTag"), register_stage(neighbours.NextStage, "NeighbourNext")]
+    config = tmp_path / "neighbours.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "neighbours", "models": {},
+        "stages": {"tag": {"type": "NeighbourTag"}, "next": {"type": "NeighbourNext", "inputs": {"tag": "tag"}}},
+        "answer": "next"}))
+    ids = list(range(1, 27))
+    data = neighbours.items(ids)
+    group = ThreadGroup(3)
+    runners = [PipelineRunner(Pipeline.from_yaml(config).build_stages(), CacheStore(tmp_path / f"c{rank}"),
+                              make_runtime("cpu")) for rank in range(3)]
+    errors: list[BaseException] = []
+    answers: dict[int, str] = {}
+
+    def rank_main(rank: int) -> None:
+        try:
+            Pipeline._run_stages(runners[rank], data, group.member(rank))
+            if rank == 0:  # SQLite connections stay in the thread that opened them
+                answers.update({item.question_id: outputs["next"].answer
+                                for item, outputs in runners[0].results(data)})
+        except BaseException as error:  # noqa: BLE001  (reported by the main thread)
+            errors.append(error)
+            group.meeting.abort()
+        finally:
+            runners[rank].store.close()
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        for name in names:
+            unregister_stage(name)
+    assert not errors, errors
+    assert answers == neighbours.expected(ids)
+    usage = {u.stage: u.entries for u in CacheStore(tmp_path / "c0").usage()}
+    assert usage == {"test_neighbour_tag": 26, "test_neighbour_next": 26}
+    # ranks 1 and 2 computed their own shares and fetched only the neighbours' tags they lacked
+    assert {u.stage: u.entries for u in CacheStore(tmp_path / "c1").usage()}["test_neighbour_next"] == 9
 
 
 def _free_port() -> int:

@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Items per round of :func:`send_results_to_main` (a round carries every stage's entries of these).
-ROUND_ITEMS = 128
+#: Items rank 0 receives per round of :func:`send_results_to_main`, from all senders together (a round
+#: carries every stage's entries of these); each sender sends its share, at least 16 items.
+ROUND_ITEMS = 1024
+MIN_ROUND_ITEMS = 16
 #: Keys per round of :func:`fetch_neighbour_inputs`.
 ROUND_KEYS = 256
 
@@ -65,8 +67,9 @@ def send_results_to_main(
     identities = distributed.gather(cache_identity(runner))
     sends = not distributed.is_main and identities[distributed.rank] != identities[0]
     counts = distributed.gather(len(shard) if sends else 0)  # type: ignore[arg-type]
-    rounds = math.ceil(max(counts) / ROUND_ITEMS) if counts else 0
-    own_windows = windows(shard, ROUND_ITEMS) if sends else iter(())
+    per_sender = max(MIN_ROUND_ITEMS, ROUND_ITEMS // max(1, sum(1 for count in counts if count)))
+    rounds = math.ceil(max(counts) / per_sender) if counts else 0
+    own_windows = windows(shard, per_sender) if sends else iter(())
     sent = received = 0
     for _ in range(rounds):
         payload = _result_payload(runner, next(own_windows, []))
