@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from capvqa.atomic import atomic_write_text
+from capvqa.report.agreement import DEFAULT_EXAMPLES_PER_KIND, Agreement, compare_runs, example_keys
 from capvqa.report.gallery import (
     DEFAULT_GALLERY_LIMIT,
     GalleryItem,
@@ -33,6 +34,7 @@ def collect_report(
     thumbnails: bool = True,
     thumbnail_side: int = THUMBNAIL_SIDE,
     title: str | None = None,
+    agreement_examples: int = DEFAULT_EXAMPLES_PER_KIND,
 ) -> ReportData:
     """Everything the renderers need, computed from loaded runs."""
     if not runs:
@@ -51,6 +53,14 @@ def collect_report(
     keys = select_gallery(light, gallery_limit)
     full = [r.full_records(keys) for r in runs]
     items = build_items(keys, [r.label for r in runs], light, full)
+    agreement = compare_runs(light, agreement_examples) if len(runs) > 1 else None
+    agreement_items: dict[str, GalleryItem] = {}
+    if agreement is not None:
+        # the examples need no stage records: question, answers, scores and the image
+        shown = example_keys(agreement)
+        agreement_items = {item.qid: item for item in build_items(shown, [r.label for r in runs], light,
+                                                                  [{} for _ in runs])}
+        notes.extend(_agreement_notes(runs, agreement))
 
     heatmaps: dict[str, tuple[bytes, str]] = {}
     for item in items:
@@ -60,8 +70,9 @@ def collect_report(
             if png is not None:
                 heatmaps[item.qid] = (png, found[2])
     images: dict[str, bytes] = {}
-    if thumbnails and items:
-        images, why = _thumbnails_for(runs, items, thumbnail_side)
+    wanted = {item.qid: item.question_id for item in [*items, *agreement_items.values()]}
+    if thumbnails and wanted:
+        images, why = _thumbnails_for(runs, wanted, thumbnail_side)
         if why:
             notes.append(f"thumbnails: {why}")
 
@@ -79,14 +90,35 @@ def collect_report(
         thumbnails=images,
         heatmaps=heatmaps,
         notes=notes,
+        agreement=agreement,
+        agreement_items=agreement_items,
     )
 
 
-def _thumbnails_for(runs: Sequence[RunFolder], items: Sequence[GalleryItem], side: int) -> tuple[dict[str, bytes], str]:
-    """Thumbnails through the first run's dataset; items only later runs have use theirs."""
+def _agreement_notes(runs: Sequence[RunFolder], agreement: Agreement) -> list[str]:
+    """Say when a comparison is on part of the questions only, or the shared ids may not be one dataset."""
+    notes = []
+    counts = agreement.question_counts
+    if len(set(counts)) > 1 or agreement.shared_by_all < max(counts, default=0):
+        each = ", ".join(f"{run.label} {n}" for run, n in zip(runs, counts))
+        notes.append(f"agreement: the runs have different questions ({each}); {agreement.shared_by_all} are "
+                     "shared by all, and each pair is compared on the questions both have")
+    datasets = {(str(r.run_settings.get("dataset")), str(r.run_settings.get("split"))) for r in runs if r.records}
+    if len(datasets) > 1:
+        notes.append("agreement: the runs name different datasets or splits; questions are matched by id only")
+    for pair in agreement.pairs:
+        if pair.different_question:
+            notes.append(f"agreement: {pair.different_question} question id(s) shared by {runs[pair.a].label} and "
+                         f"{runs[pair.b].label} have different question text: the runs may not be on the same data")
+    return notes
+
+
+def _thumbnails_for(runs: Sequence[RunFolder], wanted: dict[str, object], side: int) -> tuple[dict[str, bytes], str]:
+    """Thumbnails (question key -> question id wanted) through the first run's dataset; questions only
+    later runs have use theirs."""
     images: dict[str, bytes] = {}
     reasons: list[str] = []
-    remaining = {item.qid: item.question_id for item in items}
+    remaining = dict(wanted)
     for run in runs:
         if not remaining:
             break
@@ -108,21 +140,26 @@ def build_report(
     *,
     html_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
+    json_path: str | Path | None = None,
     labels: Sequence[str] | None = None,
     gallery_limit: int = DEFAULT_GALLERY_LIMIT,
     thumbnails: bool = True,
     title: str | None = None,
+    agreement_examples: int = DEFAULT_EXAMPLES_PER_KIND,
 ) -> ReportData:
     """Load run folders, build the report and write the requested files (atomically)."""
     from capvqa.report.html_report import render_html
+    from capvqa.report.json_report import render_json
     from capvqa.report.markdown_report import render_markdown
 
     data = collect_report(load_runs(run_dirs, labels), gallery_limit=gallery_limit, thumbnails=thumbnails,
-                          title=title)
+                          title=title, agreement_examples=agreement_examples)
     if html_path is not None:
         atomic_write_text(Path(html_path), render_html(data))
     if markdown_path is not None:
         atomic_write_text(Path(markdown_path), render_markdown(data))
+    if json_path is not None:
+        atomic_write_text(Path(json_path), render_json(data))
     return data
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections import Counter
 
 from capvqa import __version__
+from capvqa.report.agreement import KINDS, RULE, SAME_ANSWER_RULE, PairAgreement, kind_title
 from capvqa.report.gallery import GalleryItem, answer_counts
 from capvqa.report.htmlkit import Markup, join, script_json, tag
+from capvqa.report.json_report import report_json
 from capvqa.report.model import ReportData, RunView
 from capvqa.report.plots import all_charts
 from capvqa.report.published import (
+    CAPTION_PIPELINE,
     COMPARISON_ONLY_METHODS,
     DATASET_NAMES,
+    END_TO_END,
     END_TO_END_METHODS,
     METHOD_NAMES,
     published_table,
@@ -76,6 +80,13 @@ details > summary { cursor: pointer; color: var(--accent); margin: 4px 0; }
 table.answers td.answer { font-weight: 600; }
 table.kv th { font-weight: 500; color: var(--muted); }
 tr.disagree td { background: #fff8e6; }
+.examples { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 8px; }
+.example { display: grid; grid-template-columns: 112px 1fr; gap: 10px; background: #fff; border: 1px solid var(--line);
+           border-radius: 6px; padding: 8px; }
+.example.noimg { grid-template-columns: 1fr; }
+.example img.thumb { max-width: 104px; max-height: 104px; border-radius: 3px; }
+.example table.answers { margin: 4px 0; } .example table.answers td:first-child { white-space: nowrap; }
+details.pair { margin: 10px 0; }
 td.hl { background: #e8f1fb; font-weight: 600; }
 """)
 
@@ -115,14 +126,7 @@ JS = Markup("""
 
 def render_html(data: ReportData) -> str:
     """The whole report as one HTML document."""
-    meta = {
-        "title": data.title,
-        "generated": data.generated,
-        "capvqa_version": __version__,
-        "runs": [{"label": v.label, "path": str(v.run.path), "overall": v.scores.overall} for v in data.runs],
-        "gallery_items": len(data.gallery),
-        "questions": data.gallery_total,
-    }
+    meta = report_json(data)
     head = join([
         Markup('<meta charset="utf-8">'),
         Markup('<meta name="viewport" content="width=device-width, initial-scale=1">'),
@@ -137,6 +141,7 @@ def render_html(data: ReportData) -> str:
                _summary_section(data),
                _published_section(data),
                _differences_section(data),
+               _agreement_section(data),
                _charts_section(data),
                _timings_section(data),
                _gallery_section(data))
@@ -288,6 +293,81 @@ def _differences_section(data: ReportData) -> Markup:
                tag("table", None, header, rows))
 
 
+def _agreement_section(data: ReportData) -> Markup:
+    """Per-question agreement of every pair of runs, who is right where the other is wrong, and examples
+    (the rules: :mod:`capvqa.report.agreement`)."""
+    agreement = data.agreement
+    if agreement is None:
+        return Markup("")
+    counts = ", ".join(f"{label}: {n}" for label, n in zip(data.labels, agreement.question_counts))
+    intro = tag("p", None, f"Questions per run: {counts}; shared by all runs: {agreement.shared_by_all}. Each pair is "
+                f"compared on the questions both have; {SAME_ANSWER_RULE}. Right and wrong: {RULE}.")
+    corner = tag("th", None, "same answer, % of shared")
+    header = tag("tr", None, corner, [tag("th", {"class": "num"}, label) for label in data.labels])
+    rows = []
+    matrix = agreement.matrix()
+    for i, view in enumerate(data.runs):
+        cells = [tag("th", None, view.label, tag("div", {"class": "small muted"}, view.method_label)
+                     if view.method_label else "")]
+        for j in range(len(data.runs)):
+            pair = agreement.pair(min(i, j), max(i, j))
+            if i == j or pair is None:
+                cells.append(tag("td", {"class": "num muted"}, "—"))
+            else:
+                cells.append(tag("td", {"class": "num"}, format_number(matrix[i][j]),
+                                 tag("div", {"class": "small muted"}, f"of {pair.shared}")))
+        rows.append(tag("tr", None, cells))
+    pair_header = ["run A", "run B", "shared", "same answer", "%", "scored both", "A right, B wrong",
+                   "B right, A wrong", "different, neither higher"]
+    pair_rows = [tag("tr", None, tag("td", None, data.labels[p.a]), tag("td", None, data.labels[p.b]),
+                     [tag("td", {"class": "num"}, v) for v in (p.shared, p.same, format_number(p.agreement),
+                                                               p.scored, p.a_better, p.b_better, p.different_tie)])
+                 for p in agreement.pairs]
+    return tag("section", {"id": "agreement"}, tag("h2", None, "Per-question agreement"), intro,
+               tag("table", {"class": "matrix"}, header, rows),
+               tag("table", None, tag("tr", None, [tag("th", None, h) for h in pair_header]), pair_rows),
+               [_pair_details(data, pair, index == 0) for index, pair in enumerate(agreement.pairs)])
+
+
+def _run_title(view: RunView) -> str:
+    return f"{view.label} ({view.method_label})" if view.method_label else view.label
+
+
+def _pair_details(data: ReportData, pair: PairAgreement, first: bool) -> Markup:
+    a, b = data.runs[pair.a], data.runs[pair.b]
+    families = {a.run.family, b.run.family}
+    summary = (f"{_run_title(a)} vs {_run_title(b)}: {pair.a_better} right where the other is wrong vs "
+               f"{pair.b_better}, on {pair.shared} shared questions")
+    gallery = {item.qid for item in data.gallery}
+    sections = []
+    for kind in KINDS:
+        keys = [key for key in pair.examples.get(kind, ()) if key in data.agreement_items]
+        title = f"{kind_title(kind, a.label, b.label)}: {pair.count(kind)}"
+        body = tag("div", {"class": "examples"}, [_example(data, data.agreement_items[key], pair, key in gallery)
+                                                  for key in keys]) if keys \
+            else tag("p", {"class": "muted small"}, "none")
+        sections.append(tag("div", {"class": f"kind kind-{kind}"}, tag("h3", None, title), body))
+    # the comparison the report is most often built for is open from the start
+    is_open = first or families == {END_TO_END, CAPTION_PIPELINE}
+    return tag("details", {"class": "pair", "open": is_open}, tag("summary", None, summary), sections)
+
+
+def _example(data: ReportData, item: GalleryItem, pair: PairAgreement, in_gallery: bool) -> Markup:
+    figure: Markup | str = ""
+    if item.qid in data.thumbnails:
+        figure = tag("div", None, tag("img", {"class": "thumb", "src": data_uri(data.thumbnails[item.qid], "image/jpeg"),
+                                              "alt": f"image {item.image_id}"}))
+    rows = [tag("tr", None, tag("td", None, answer.label), tag("td", {"class": "answer"}, _answer_text(answer.answer)),
+                tag("td", None, _score_badge(answer.accuracy)))
+            for answer in (item.answers[pair.a], item.answers[pair.b])]
+    chips = _human_answers(item.gt_answers)
+    link = tag("a", {"href": f"#q-{item.qid}", "class": "small"}, "in the gallery") if in_gallery else ""
+    content = tag("div", None, tag("strong", None, item.question),
+                  tag("div", {"class": "small muted"}, f"question {item.question_id} ", link),
+                  tag("table", {"class": "answers"}, rows), chips)
+    return tag("div", {"class": "example" if figure else "example noimg", "data-qid": item.qid}, figure, content)
+
+
 def _charts_section(data: ReportData) -> Markup:
     charts = all_charts(data)
     if not charts:
@@ -400,11 +480,7 @@ def _gallery_item(data: ReportData, item: GalleryItem) -> Markup:
     answers_table = tag("table", {"class": "answers"},
                         tag("tr", None, tag("th", None, "run"), tag("th", None, "answer"), tag("th", None, "score")),
                         answer_rows)
-    human = answer_counts(list(item.gt_answers))
-    human_html = tag("div", {"class": "chips"}, tag("span", {"class": "muted"}, "human answers: "),
-                     [tag("span", {"class": "chip gt-top" if i == 0 else "chip"},
-                          f"{answer} ×{n}" if n > 1 else answer) for i, (answer, n) in enumerate(human)]) \
-        if human else Markup("")
+    human_html = _human_answers(item.gt_answers)
     meta = " · ".join(str(x) for x in (f"question {item.question_id}", item.answer_type, item.question_type) if x)
     details = [tag("details", {"open": i == 0, "class": "run-stages"},
                    tag("summary", None, f"{a.label}: intermediate results"), render_stages(a.stages))
@@ -412,3 +488,13 @@ def _gallery_item(data: ReportData, item: GalleryItem) -> Markup:
     content = tag("div", {"class": "content"}, tag("h4", None, item.question), tag("div", {"class": "small muted"}, meta),
                   answers_table, human_html, details)
     return tag("article", attrs, figure, content)
+
+
+def _human_answers(gt_answers: tuple[str, ...]) -> Markup:
+    """The human answers as chips, most frequent first (the top one highlighted)."""
+    human = answer_counts(list(gt_answers))
+    if not human:
+        return Markup("")
+    return tag("div", {"class": "chips"}, tag("span", {"class": "muted"}, "human answers: "),
+               [tag("span", {"class": "chip gt-top" if i == 0 else "chip"}, f"{answer} ×{n}" if n > 1 else answer)
+                for i, (answer, n) in enumerate(human)])

@@ -1,10 +1,13 @@
 """A short Markdown summary to paste into a pull request or a paper draft: accuracy table(s),
-published numbers with deltas, and the config keys that differ. The gallery stays in the HTML."""
+published numbers with deltas, the config keys that differ and, for several runs, per-question
+agreement with a few examples of each disagreement. The gallery stays in the HTML."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from capvqa.report.agreement import KINDS, RULE, SAME_ANSWER_RULE, kind_title
+from capvqa.report.gallery import answer_counts
 from capvqa.report.htmlkit import clean_text
 from capvqa.report.model import ReportData
 from capvqa.report.summary import format_config_value, format_delta, format_number
@@ -77,4 +80,51 @@ def render_markdown(data: ReportData) -> str:
         out += ["Config differences:", "",
                 md_table(["key"] + data.labels, [[key] + [format_config_value(v) for v in values]
                                                  for key, values in data.differences]), ""]
+    out += _agreement(data)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _agreement(data: ReportData) -> list[str]:
+    """Agreement matrix, right/wrong counts per pair and a few examples of each kind of disagreement."""
+    agreement = data.agreement
+    if agreement is None:
+        return []
+    counts = ", ".join(f"{label} {n}" for label, n in zip(data.labels, agreement.question_counts))
+    out = [f"Per-question agreement (questions per run: {counts}; shared by all: {agreement.shared_by_all}; "
+           f"each pair on the questions both have). Same answer: {SAME_ANSWER_RULE}. Right and wrong: {RULE}.", ""]
+    matrix = agreement.matrix()
+    body = []
+    for i, view in enumerate(data.runs):
+        name = f"{view.label} ({view.method_label})" if view.method_label else view.label
+        cells = []
+        for j in range(len(data.runs)):
+            pair = agreement.pair(min(i, j), max(i, j))
+            cells.append("—" if i == j or pair is None else f"{format_number(matrix[i][j])} (of {pair.shared})")
+        body.append([name] + cells)
+    out += [md_table(["same answer, % of shared"] + data.labels, body, right=list(range(1, len(data.labels) + 1))),
+            ""]
+    pair_rows = [[data.labels[p.a], data.labels[p.b], p.shared, p.same, format_number(p.agreement), p.scored,
+                  p.a_better, p.b_better, p.different_tie] for p in agreement.pairs]
+    out += [md_table(["run A", "run B", "shared", "same answer", "%", "scored both", "A right, B wrong",
+                      "B right, A wrong", "different, neither higher"], pair_rows, right=list(range(2, 9))), ""]
+    for pair in agreement.pairs:
+        first, second = data.labels[pair.a], data.labels[pair.b]
+        rows = []
+        for kind in KINDS:
+            for key in pair.examples.get(kind, ()):
+                item = data.agreement_items.get(key)
+                if item is None:
+                    continue
+                human = ", ".join(f"{a} ×{n}" if n > 1 else a for a, n in answer_counts(list(item.gt_answers))[:3])
+                rows.append([kind_title(kind, first, second), item.question,
+                             _answer(item.answers[pair.a].answer, item.answers[pair.a].accuracy),
+                             _answer(item.answers[pair.b].answer, item.answers[pair.b].accuracy), human])
+        if rows:
+            out += [f"Examples, {first} vs {second}:", "",
+                    md_table(["kind", "question", first, second, "human answers"], rows), ""]
+    return out
+
+
+def _answer(answer: str | None, accuracy: float | None) -> str:
+    text = "(empty answer)" if answer is not None and not answer.strip() else answer or ""
+    return f"{text} ({format_number(accuracy, 0)})" if accuracy is not None else text

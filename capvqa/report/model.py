@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from capvqa.report.agreement import Agreement
 from capvqa.report.gallery import GalleryItem
-from capvqa.report.published import PublishedLookup
+from capvqa.report.published import METHOD_NAMES, PublishedLookup
 from capvqa.report.runs import RunFolder
 from capvqa.report.summary import AccuracyRow, RunScores, StageTiming, delta
 
@@ -23,6 +24,13 @@ class RunView:
     @property
     def label(self) -> str:
         return self.run.label
+
+    @property
+    def method_label(self) -> str:
+        """Method and family, to say what is compared with what: "BLIP-2, end-to-end"; "" if unknown."""
+        method = self.run.method
+        parts = [METHOD_NAMES.get(method, method) if method else None, self.run.family]
+        return ", ".join(p for p in parts if p)
 
     @property
     def published_delta(self) -> float | None:
@@ -45,6 +53,9 @@ class ReportData:
     thumbnails: dict[str, bytes] = field(default_factory=dict)
     heatmaps: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # per-question agreement between runs (None with one run) and the examples it shows, by question key
+    agreement: Agreement | None = None
+    agreement_items: dict[str, GalleryItem] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:

@@ -86,6 +86,10 @@ METHOD_NAMES = {"pnp-vqa": "PNP-VQA", "img2llm": "Img2LLM", "pica": "PICa", "bli
 # methods shows for comparison (docs/methods.md#end-to-end-vision-language-models)
 END_TO_END_METHODS = ("blip2", "instructblip", "llava", "qwen-vl")
 COMPARISON_ONLY_METHODS = ("frozen", "flamingo")
+# methods that answer from text about the image (captions, tags, QA pairs) instead of the image itself
+CAPTION_PIPELINE_METHODS = ("pnp-vqa", "img2llm", "pica")
+END_TO_END = "end-to-end"
+CAPTION_PIPELINE = "caption pipeline"
 # BLIP-2 hub checkpoints (all ViT-g) -> the size names of the paper's Table 2
 _BLIP2_SIZES = {"opt-2.7b": "OPT-2.7B", "opt-6.7b": "OPT-6.7B", "flan-t5-xl": "FlanT5-XL", "flan-t5-xxl": "FlanT5-XXL"}
 
@@ -134,6 +138,21 @@ def method_of(config: dict[str, Any]) -> str | None:
     for known in METHOD_NAMES:
         if name.startswith(known):
             return known
+    return None
+
+
+def method_family(config: dict[str, Any]) -> str | None:
+    """:data:`END_TO_END` when the run's answer comes from a vision-language model reading the image (a
+    known end-to-end method, or an answer stage from a ``capvqa.stages.vlm*`` module), else
+    :data:`CAPTION_PIPELINE` for the caption methods; None when the config says neither."""
+    method = method_of(config)
+    stages = config.get("stages") if isinstance(config.get("stages"), dict) else {}
+    answer_stage = stages.get(config.get("answer")) if isinstance(config.get("answer"), str) else None
+    answer_type = str(answer_stage.get("type") or "") if isinstance(answer_stage, dict) else ""
+    if method in END_TO_END_METHODS or answer_type.startswith("capvqa.stages.vlm"):
+        return END_TO_END
+    if method in CAPTION_PIPELINE_METHODS:
+        return CAPTION_PIPELINE
     return None
 
 

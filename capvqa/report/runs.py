@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from capvqa.engine.run_folder import COMPLETE, STATUS_FILE, read_status
+from capvqa.report.published import method_family, method_of
 
 RUN_FILES = ("config.yaml", "records.jsonl", "metrics.json", "timings.json", "predictions.json", STATUS_FILE)
 _STAGES_MARKER = ', "stages": '
@@ -56,6 +57,16 @@ class RunFolder:
     def is_tiny(self) -> bool:
         """Runs on the offline random-weight zoo: their accuracy means nothing."""
         return self.config.get("models_preset") == "tiny"
+
+    @property
+    def method(self) -> str | None:
+        """The config's ``method`` (or one guessed from the pipeline name), e.g. ``pnp-vqa``, ``blip2``."""
+        return method_of(self.config)
+
+    @property
+    def family(self) -> str | None:
+        """"end-to-end" or "caption pipeline" (None: unknown), to label comparisons between methods."""
+        return method_family(self.config)
 
     def by_qid(self) -> dict[str, dict[str, Any]]:
         return {qid_key(r.get("question_id")): r for r in self.records}
