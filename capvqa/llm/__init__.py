@@ -29,6 +29,16 @@ GPT-2) gets no repeated special token, and the only effect of the split is that 
 boundary (a SentencePiece tokenizer also starts each segment as it starts a text, e.g. with its
 word-start marker). An empty segment contributes nothing. An API backend receives text only: it sends
 the joined prompt, and the repeated BOS cannot be expressed there.
+
+**Image+text requests.** End-to-end vision-language models (docs/methods.md#served-vision-language-models)
+go through :class:`VisionLanguageBackend`: one image and one prompt per request, a short answer back
+(:class:`VlmCompletion`), decoded as :class:`VlmDecoding` says. The Hugging Face model in-process
+(:class:`capvqa.models.vlm.VisionLanguageModel`), vLLM's offline engine
+(:class:`capvqa.llm.vllm_backend.VLLMVisionBackend`) and an OpenAI-compatible chat completions server
+(:class:`capvqa.llm.openai_api.OpenAIChatVisionClient`) implement it. Each renders the family's prompt
+itself (:meth:`VisionLanguageBackend.render`), because where the chat template is applied differs: a
+local backend applies the processor's template and its model reads that text; a server applies its own,
+so the client sends the family's user turn (image, then text) as chat messages.
 """
 
 from __future__ import annotations
@@ -37,11 +47,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from capvqa.errors import ConfigError
+
 __all__ = [
     "Completion",
     "GenerationSettings",
     "LLMBackend",
     "Segments",
+    "VisionLanguageBackend",
+    "VlmCompletion",
+    "VlmDecoding",
+    "check_greedy",
     "check_segments",
     "covering_prefix_length",
     "cut_at_stop",
@@ -127,6 +143,60 @@ class LLMBackend(Protocol):
     ) -> list[Completion]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class VlmDecoding:
+    """How a vision-language model decodes answers: deterministic (greedy, or beam search when
+    ``num_beams`` > 1; served backends decode greedily only). ``newline_ends`` makes the token of
+    ``"\n"`` the end-of-sequence token instead of the model's eos, as LAVIS's BLIP-2 OPT generates
+    (``Blip2OPT.eos_token_id``)."""
+
+    max_new_tokens: int
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    newline_ends: bool = False
+
+
+@dataclass(frozen=True)
+class VlmCompletion:
+    """The decoded new text of one image+text request and how many tokens produced it (eos and padding
+    excluded; an API backend reports the server's ``usage.completion_tokens``)."""
+
+    text: str
+    num_tokens: int
+
+
+@runtime_checkable
+class VisionLanguageBackend(Protocol):
+    """Short answers about images; results aligned to the requests (see the module docstring).
+
+    ``render(fmt, question)`` is the prompt text of ``question`` in the family's format ``fmt`` (a
+    :class:`capvqa.text.vlm_prompts.VlmPromptFormat`) as this backend passes it on: a local backend's is
+    the exact text its model reads (chat template applied), an API backend's the user turn's text (the
+    server applies its template). ``generate(images, prompts, decoding)`` answers ``prompts[i]`` (as
+    ``render`` made them) about ``images[i]`` (decoded RGB ``PIL.Image`` s).
+    """
+
+    name: str
+
+    def render(self, fmt: Any, question: str) -> str: ...
+
+    def generate(
+        self, images: Sequence[Any], prompts: Sequence[str], decoding: VlmDecoding
+    ) -> list[VlmCompletion]: ...
+
+    def close(self) -> None: ...
+
+
+def check_greedy(decoding: VlmDecoding, backend: str) -> None:
+    """A served backend decodes greedily: beam search (``num_beams`` > 1) is refused with what to set."""
+    if decoding.num_beams != 1:
+        raise ConfigError(
+            f"vlm backend {backend!r} decodes greedily only, but num_beams is {decoding.num_beams}; set "
+            "num_beams 1 (e.g. --set vlm.num_beams=1; the BLIP-2 and InstructBLIP configs use LAVIS's beam 5) "
+            "or use backend hf"
+        )
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -22,12 +22,22 @@ followed (they would carry the key to another address).
 The API key is read from the environment variable *named* in the config at construction and lives only
 in this object's request headers: it is never part of a config, a cache key, a record, a log line or an
 error message (server messages are scrubbed of it before they are shown).
+
+**Images** (:class:`OpenAIChatVisionClient`, ``backend: openai`` of the VLM answer stage;
+docs/methods.md#served-vision-language-models): ``POST {base_url}/chat/completions`` with one user
+message whose ``content`` is the family's turn (:func:`capvqa.text.vlm_prompts.chat_messages`: the
+image, then the text), the image as an ``image_url`` part holding a base64 data URL
+(:func:`image_data_url`), as vLLM's server and hosted VLM APIs accept; ``temperature`` 0 and
+``max_tokens``. The answer is ``choices[0].message.content``. Retries, timeouts, redirects and the key are
+handled as for completions, by the same :class:`ApiConnection`.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import http.client
+import io
 import json
 import logging
 import os
@@ -36,7 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from typing import Any
@@ -46,6 +56,9 @@ from capvqa.llm import (
     Completion,
     GenerationSettings,
     Segments,
+    VlmCompletion,
+    VlmDecoding,
+    check_greedy,
     check_segments,
     covering_prefix_length,
     cut_at_stop,
@@ -95,6 +108,147 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
     return rng.uniform(0.0, min(max_s, base_s * (2**attempt)))
 
 
+class ApiConnection:
+    """POST JSON to one endpoint of an OpenAI-compatible server: the key header, bounded retries with
+    backoff, timeouts, no redirects, error messages scrubbed of the key (see the module docstring).
+
+    ``label`` names the API in messages ("LLM API", "VLM API").
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        model: str,
+        api_key_env: str,
+        max_retries: int,
+        timeout_s: float,
+        backoff_base_s: float,
+        backoff_max_s: float,
+        label: str = "LLM API",
+    ) -> None:
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise UserError(
+                f"the {label} key is read from the environment variable {api_key_env}, which is not set or "
+                f"empty; export {api_key_env}=<your key> (or set api_key_env to the variable that holds it). "
+                "Keys are never read from configs."
+            )
+        self.url = url
+        self.model = model
+        self.label = label
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self._key = key
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ApiConnection(url={self.url!r}, model={self.model!r})"
+
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with bounded retries; the parsed JSON response."""
+        data = json.dumps(body).encode()
+        attempts = self.max_retries + 1
+        last = ""
+        for attempt in range(attempts):
+            try:
+                return self._post_once(data)
+            except _Transient as error:
+                last = error.reason
+                if attempt + 1 == attempts:
+                    break
+                if error.retry_after is not None:
+                    if error.retry_after > MAX_RETRY_AFTER_S:
+                        last += f" (server asked to retry after {error.retry_after:.0f} s)"
+                        break
+                    delay = error.retry_after
+                else:
+                    with self._rng_lock:
+                        delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
+                log.warning(
+                    "%s %s: %s; retry %d/%d in %.2f s",
+                    self.label,
+                    self.url,
+                    last,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+        raise UserError(
+            f"the {self.label} at {self.url} (model {self.model!r}) failed after {attempts} attempt(s): {last}. "
+            "Check that the server is up and the model name is right, or raise max_retries / timeout_s."
+        )
+
+    def _post_once(self, data: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.url,
+            data=data,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "Authorization": f"Bearer {self._key}",
+            },
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            message = self.scrub(_read_error_body(error))
+            reason = f"HTTP {error.code}" + (f": {message}" if message else "")
+            if error.code in RETRY_STATUS:
+                raise _Transient(reason, parse_retry_after(error.headers.get("Retry-After"))) from None
+            raise UserError(f"the {self.label} at {self.url} refused the request ({reason})") from None
+        except TimeoutError:
+            raise _Transient(f"no response within timeout_s={self.timeout_s:g} s") from None
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, TimeoutError):
+                raise _Transient(f"no response within timeout_s={self.timeout_s:g} s") from None
+            raise _Transient(f"connection failed: {self.scrub(str(error.reason))}") from None
+        except (ConnectionError, http.client.HTTPException) as error:
+            raise _Transient(
+                f"connection failed: {type(error).__name__}: {self.scrub(str(error))}"
+            ) from None
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise _Transient(
+                f"the response is not JSON: {self.scrub(raw[:_MESSAGE_CHARS].decode(errors='replace'))!r}"
+            ) from None
+        if not isinstance(payload, dict):
+            raise UserError(f"the {self.label} at {self.url} answered with JSON that is not an object")
+        return payload
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+
+def check_api_settings(base_url: str, concurrency: int, max_retries: int, timeout_s: float, label: str) -> None:
+    """ConfigError for settings no request could work with (checked before the key is read)."""
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+    if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+        raise ConfigError(f"need concurrency >= 1, max_retries >= 0 and timeout_s > 0 for the {label}")
+
+
+def run_concurrently(work: Callable[[int], Any], count: int, concurrency: int) -> list[Any]:
+    """``[work(0), ..., work(count - 1)]`` with at most ``concurrency`` in flight, in order; the first
+    failure cancels what has not started and is raised."""
+    with ThreadPoolExecutor(max_workers=min(concurrency, count), thread_name_prefix="capvqa-api") as pool:
+        futures = [pool.submit(work, i) for i in range(count)]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 class OpenAICompletionsClient:
     """Greedy completions from an OpenAI-compatible server; results aligned to the prompts."""
 
@@ -110,29 +264,15 @@ class OpenAICompletionsClient:
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 30.0,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ConfigError("need concurrency >= 1, max_retries >= 0 and timeout_s > 0 for the LLM API")
-        key = os.environ.get(api_key_env, "").strip()
-        if not key:
-            raise UserError(
-                f"the LLM API key is read from the environment variable {api_key_env}, which is not set or "
-                f"empty; export {api_key_env}=<your key> (or set api_key_env to the variable that holds it). "
-                "Keys are never read from configs."
-            )
+        check_api_settings(base_url, concurrency, max_retries, timeout_s, "LLM API")
         self.url = base_url.rstrip("/") + "/completions"
         self.model = model
         self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.timeout_s = timeout_s
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self.name = f"openai:{model}@{base_url.rstrip('/')}"
-        self._key = key
-        self._rng = random.Random()
-        self._rng_lock = threading.Lock()
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._connection = ApiConnection(
+            url=self.url, model=model, api_key_env=api_key_env, max_retries=max_retries, timeout_s=timeout_s,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, label="LLM API",
+        )
         self._warned_segments = False
 
     def __repr__(self) -> str:  # never show the key
@@ -159,16 +299,7 @@ class OpenAICompletionsClient:
                 "the BOS token a local backend repeats at each segment (Img2LLM's instruction) is not sent",
                 self.url,
             )
-        with ThreadPoolExecutor(
-            max_workers=min(self.concurrency, len(prompts)), thread_name_prefix="capvqa-llm-api"
-        ) as pool:
-            futures = [pool.submit(self._complete_one, prompt, settings) for prompt in prompts]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        return run_concurrently(lambda i: self._complete_one(prompts[i], settings), len(prompts), self.concurrency)
 
     def _complete_one(self, prompt: str, settings: GenerationSettings) -> Completion:
         body: dict[str, Any] = {
@@ -183,81 +314,8 @@ class OpenAICompletionsClient:
         return completion_from_response(self._post(body), settings.stop)
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST with bounded retries; the parsed JSON response."""
-        data = json.dumps(body).encode()
-        attempts = self.max_retries + 1
-        last = ""
-        for attempt in range(attempts):
-            try:
-                return self._post_once(data)
-            except _Transient as error:
-                last = error.reason
-                if attempt + 1 == attempts:
-                    break
-                if error.retry_after is not None:
-                    if error.retry_after > MAX_RETRY_AFTER_S:
-                        last += f" (server asked to retry after {error.retry_after:.0f} s)"
-                        break
-                    delay = error.retry_after
-                else:
-                    with self._rng_lock:
-                        delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
-                log.warning(
-                    "LLM API %s: %s; retry %d/%d in %.2f s",
-                    self.url,
-                    last,
-                    attempt + 1,
-                    self.max_retries,
-                    delay,
-                )
-                time.sleep(delay)
-        raise UserError(
-            f"the LLM API at {self.url} (model {self.model!r}) failed after {attempts} attempt(s): {last}. "
-            "Check that the server is up and the model name is right, or raise max_retries / timeout_s."
-        )
-
-    def _post_once(self, data: bytes) -> dict[str, Any]:
-        request = urllib.request.Request(
-            self.url,
-            data=data,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "Authorization": f"Bearer {self._key}",
-            },
-        )
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:
-            message = self._scrub(_read_error_body(error))
-            reason = f"HTTP {error.code}" + (f": {message}" if message else "")
-            if error.code in RETRY_STATUS:
-                raise _Transient(reason, parse_retry_after(error.headers.get("Retry-After"))) from None
-            raise UserError(f"the LLM API at {self.url} refused the request ({reason})") from None
-        except TimeoutError:
-            raise _Transient(f"no response within timeout_s={self.timeout_s:g} s") from None
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
-                raise _Transient(f"no response within timeout_s={self.timeout_s:g} s") from None
-            raise _Transient(f"connection failed: {self._scrub(str(error.reason))}") from None
-        except (ConnectionError, http.client.HTTPException) as error:
-            raise _Transient(
-                f"connection failed: {type(error).__name__}: {self._scrub(str(error))}"
-            ) from None
-        try:
-            payload = json.loads(raw)
-        except ValueError:
-            raise _Transient(
-                f"the response is not JSON: {self._scrub(raw[:_MESSAGE_CHARS].decode(errors='replace'))!r}"
-            ) from None
-        if not isinstance(payload, dict):
-            raise UserError(f"the LLM API at {self.url} answered with JSON that is not an object")
-        return payload
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        """POST with bounded retries (:meth:`ApiConnection.post`); the parsed JSON response."""
+        return self._connection.post(body)
 
     def close(self) -> None:
         """Nothing to release: connections are not pooled."""
@@ -344,3 +402,136 @@ def stopped_at_stop(choice: dict[str, Any], stop: Sequence[str], cut: bool) -> b
     if "stop_reason" in choice:
         return isinstance(choice["stop_reason"], str)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images: chat completions with image content
+
+IMAGE_FORMATS = ("png", "jpeg")
+JPEG_QUALITY = 95
+
+
+def image_data_url(image: Any, image_format: str = "png") -> str:
+    """``data:image/{png|jpeg};base64,...`` of a decoded RGB image.
+
+    PNG (the default) is lossless, so the server decodes exactly the pixels a local backend reads; JPEG
+    (quality 95) makes smaller requests at the price of a second lossy compression.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ConfigError(f"unknown image_format {image_format!r}; choose one of: {', '.join(IMAGE_FORMATS)}")
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format="PNG")
+    return f"data:image/{image_format};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def vision_chat_body(model: str, data_url: str, text: str, decoding: VlmDecoding) -> dict[str, Any]:
+    """The chat completions request of one image+text question (pure; see the module docstring).
+
+    The user turn is the family's (:func:`capvqa.text.vlm_prompts.chat_messages`), its image part an
+    ``image_url`` with ``data_url``; ``newline_ends`` becomes the stop string ``"\n"``.
+    """
+    from capvqa.text.vlm_prompts import chat_messages
+
+    messages = []
+    for message in chat_messages(text):
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url}} if part["type"] == "image" else dict(part)
+            for part in message["content"]
+        ]
+        messages.append({"role": message["role"], "content": content})
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": decoding.max_new_tokens,
+        "temperature": 0,
+        "n": 1,
+    }
+    if decoding.newline_ends:
+        body["stop"] = ["\n"]
+    return body
+
+
+def vlm_completion_from_chat(payload: dict[str, Any], stop: Sequence[str] = ()) -> VlmCompletion:
+    """The :class:`VlmCompletion` in a chat completions response (pure).
+
+    ``choices[0].message.content`` is a string, a list of text parts (joined) or null (no text: "");
+    cut at ``stop`` again in case a server ignored it. ``num_tokens`` is ``usage.completion_tokens``
+    (0 when the server reports no usage).
+    """
+    try:
+        message = payload["choices"][0]["message"]
+        content = message.get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise UserError(
+            "the VLM API answered without choices[0].message (is it a /chat/completions endpoint?): "
+            f"{json.dumps(payload)[:_MESSAGE_CHARS]}"
+        ) from None
+    if isinstance(content, list):
+        content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    text, _ = cut_at_stop("" if content is None else str(content), stop)
+    usage = payload.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return VlmCompletion(text=text, num_tokens=int(tokens) if isinstance(tokens, int) else 0)
+
+
+class OpenAIChatVisionClient:
+    """Short answers about images from an OpenAI-compatible chat completions server; results aligned."""
+
+    model_type = None  # the server's model family is not known here
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 4,
+        max_retries: int = 5,
+        timeout_s: float = 60.0,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        image_format: str = "png",
+    ) -> None:
+        check_api_settings(base_url, concurrency, max_retries, timeout_s, "VLM API")
+        if image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"unknown image_format {image_format!r}; choose one of: {', '.join(IMAGE_FORMATS)}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.concurrency = concurrency
+        self.image_format = image_format
+        self.name = f"openai:{model}@{base_url.rstrip('/')}"
+        self._connection = ApiConnection(
+            url=self.url, model=model, api_key_env=api_key_env, max_retries=max_retries, timeout_s=timeout_s,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, label="VLM API",
+        )
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIChatVisionClient(url={self.url!r}, model={self.model!r})"
+
+    def render(self, fmt: Any, question: str) -> str:
+        """The user turn's text: the family's question text; the server applies its chat template."""
+        from capvqa.text.vlm_prompts import question_text
+
+        return question_text(fmt, question)
+
+    def generate(self, images: Sequence[Any], prompts: Sequence[str], decoding: VlmDecoding) -> list[VlmCompletion]:
+        """One greedy answer per (image, prompt), in order, at most ``concurrency`` requests in flight;
+        raises UserError when a request fails for good."""
+        check_greedy(decoding, "openai")
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        if not prompts:
+            return []
+        stop = ("\n",) if decoding.newline_ends else ()
+
+        def answer(i: int) -> VlmCompletion:
+            body = vision_chat_body(self.model, image_data_url(images[i], self.image_format), prompts[i], decoding)
+            return vlm_completion_from_chat(self._connection.post(body), stop)
+
+        return run_concurrently(answer, len(prompts), self.concurrency)
+
+    def close(self) -> None:
+        """Nothing to release: connections are not pooled."""

@@ -2,7 +2,8 @@
 
 Any ``AutoModelForImageTextToText`` checkpoint with its ``AutoProcessor`` (BLIP-2, InstructBLIP, LLaVA,
 Qwen2-VL, Idefics2/3 in transformers 5). What the prompts say lives in :mod:`capvqa.text.vlm_prompts`;
-this module only batches, pads and decodes (docs/methods.md#end-to-end-vision-language-models).
+this module only batches, pads and decodes (docs/methods.md#end-to-end-vision-language-models). It is the
+in-process (``hf``) :class:`capvqa.llm.VisionLanguageBackend`; the served ones live in :mod:`capvqa.llm`.
 
 Padding: a decoder-only language model is padded on the left, so every row's last position is its own
 last prompt token and generation continues from there. An encoder-decoder one (BLIP-2 and InstructBLIP
@@ -17,47 +18,44 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from capvqa.engine.runtime import Runtime
+from capvqa.llm import VlmCompletion, VlmDecoding
 from capvqa.models.loading import ModelRef, load_model, load_processor
+from capvqa.text.vlm_prompts import VlmPromptFormat, render_prompt
 
 log = logging.getLogger(__name__)
+
+__all__ = ["VisionLanguageModel", "VlmCompletion", "VlmDecoding", "chat_template_of", "load_vision_language_model"]
 
 #: model types whose processors take one list of images per prompt
 _NESTED_IMAGE_TYPES = frozenset({"idefics2", "idefics3", "smolvlm"})
 
 
-@dataclass(frozen=True)
-class VlmDecoding:
-    """How answers are decoded: deterministic (greedy, or beam search when ``num_beams`` > 1).
-    ``newline_ends`` makes the token of ``"\n"`` the end-of-sequence token instead of the model's eos,
-    as LAVIS's BLIP-2 OPT generates (``Blip2OPT.eos_token_id``)."""
+def chat_template_of(processor: Any) -> Callable[[list[dict[str, Any]]], str] | None:
+    """Renders a message list with the processor's chat template and the generation prompt, or None when
+    the processor has no template. The vLLM backend renders with it too, so both feed the same text."""
+    if not getattr(processor, "chat_template", None):
+        return None
 
-    max_new_tokens: int
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    newline_ends: bool = False
+    def render(messages: list[dict[str, Any]]) -> str:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-
-@dataclass(frozen=True)
-class VlmCompletion:
-    """The decoded new text of one prompt and how many tokens produced it (eos and padding excluded)."""
-
-    text: str
-    num_tokens: int
+    return render
 
 
 class VisionLanguageModel:
-    """A loaded image-text-to-text model and its processor, in eval mode."""
+    """A loaded image-text-to-text model and its processor, in eval mode: the in-process (``hf``)
+    :class:`capvqa.llm.VisionLanguageBackend`."""
 
-    def __init__(self, model: Any, processor: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, processor: Any, device: torch.device, name: str = "hf") -> None:
         self.model = model
         self.processor = processor
         self.device = device
+        self.name = name
         self.model_type: str = str(getattr(model.config, "model_type", ""))
         self.decoder_only: bool = not bool(getattr(model.config.get_text_config(), "is_encoder_decoder", False))
         tokenizer = self.tokenizer
@@ -71,13 +69,11 @@ class VisionLanguageModel:
     @property
     def chat_template(self) -> Callable[[list[dict[str, Any]]], str] | None:
         """Renders a message list with the generation prompt, or None when the processor has no template."""
-        if not getattr(self.processor, "chat_template", None):
-            return None
+        return chat_template_of(self.processor)
 
-        def render(messages: list[dict[str, Any]]) -> str:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-        return render
+    def render(self, fmt: VlmPromptFormat, question: str) -> str:
+        """The exact text the processor gets for ``question`` (the processor's chat template applied)."""
+        return render_prompt(fmt, question, self.chat_template)
 
     def newline_id(self) -> int:
         """The first token of ``"\n"`` without special tokens (how LAVIS finds BLIP-2 OPT's eos)."""
@@ -129,6 +125,11 @@ class VisionLanguageModel:
         counts = [sum(1 for token in row.tolist() if token not in special) for row in new_ids]
         return [VlmCompletion(text=text, num_tokens=count) for text, count in zip(texts, counts)]
 
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def load_vision_language_model(
     ref: ModelRef, runtime: Runtime, *, device_map: str | None = None, trust_remote_code: bool = False
@@ -142,4 +143,4 @@ def load_vision_language_model(
         extra["device_map"] = device_map
     model = load_model(AutoModelForImageTextToText, ref, device=runtime.device, dtype=runtime.dtype, **extra)
     device = next(model.parameters()).device
-    return VisionLanguageModel(model, processor, device)
+    return VisionLanguageModel(model, processor, device, name=f"hf:{ref.id}")
