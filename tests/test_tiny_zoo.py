@@ -282,6 +282,31 @@ def test_vision_language_models_generate(zoo, images, role, model_name, processo
     assert out.shape[0] == 2
 
 
+def test_idefics3_reads_several_images_per_prompt_without_torchvision(zoo, images):
+    processor = AutoProcessor.from_pretrained(zoo["idefics"])
+    model = AutoModelForImageTextToText.from_pretrained(zoo["idefics"])
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert type(processor).__name__ == "Idefics3Processor"
+    assert type(processor.image_processor).__name__ == "Idefics3ImageProcessorPil"
+    tokenizer = processor.tokenizer
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert model.config.get_text_config().vocab_size >= len(tokenizer)
+    user = [{"type": "image"}, {"type": "text", "text": "what is it?"}]
+    two_shot = processor.apply_chat_template(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+         {"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    assert two_shot.startswith("<|begin_of_text|>User:<image>what is it?<end_of_utterance>\nAssistant: a cat")
+    rgb = [image.convert("RGB") for image in images]
+    tokenizer.padding_side = "left"
+    assert processor.image_processor.do_image_splitting  # as Idefics3's: tiles plus a global view
+    inputs = processor(images=[rgb, rgb[:1]], text=[two_shot, two_shot.split("Assistant: a cat")[0]],
+                       padding=True, do_image_splitting=False, return_tensors="pt")
+    per_image = tiny_zoo.idefics3_image_seq_len()  # one view per image
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [2 * per_image, per_image]
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert out.shape[0] == 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real-size tokenizer builders
 

@@ -23,6 +23,7 @@ BUILTIN_STAGES: dict[str, str] = {
     "ExampleSelection": "capvqa.stages.example_selection",
     "PicaPrompt": "capvqa.stages.pica_prompt",
     "VLMAnswerer": "capvqa.stages.vlm_answer",
+    "VLMFewShotAnswerer": "capvqa.stages.vlm_fewshot_answer",
 }
 
 #: Dotted paths that saved run configs may still name, from before a module was renamed after its stage.

@@ -1,4 +1,5 @@
-"""One whole-image BLIP caption per item: PICa's query caption (docs/methods.md#query-context-caption-and-tags).
+"""One whole-image caption per item, by BLIP or BLIP-2: PICa's query caption
+(docs/methods.md#query-context-caption-and-tags).
 
 PICa describes the query image with a single caption (VinVL in the paper; BLIP here, as in the rest of
 capvqa), and falls back on it for in-context examples whose image has no COCO caption. Unlike PNP-VQA's
@@ -8,6 +9,12 @@ Decoding follows BLIP's own COCO captioning setting: beam search with 3 beams, `
 ``max_length`` 20, both counting the prompt tokens (``[DEC] a picture of``) as BLIP's ``generate`` does.
 Beam search is deterministic, so no seed is involved. Each distinct image of a batch is encoded and
 decoded once, and its caption handed to every item that shows it.
+
+A BLIP-2 checkpoint as ``model`` (``pica-blip2``) captions as LAVIS's BLIP-2 captioning evaluation does
+(:mod:`capvqa.models.blip2_captioner`: the prompt goes into the LM after the query tokens; ``max_length``
+and ``min_length`` are the LM's, see there). The checkpoint's architecture decides which captioner runs;
+its identity is in the cache key, and BLIP's captions and keys are the same as before BLIP-2 could run.
+PICa's pool captions go through this stage with the same config, so they come from the same captioner.
 """
 
 from __future__ import annotations
@@ -23,13 +30,25 @@ from capvqa.data.images import distinct_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
+from capvqa.models.blip2_captioner import (
+    BLIP2_MODEL_TYPE,
+    Blip2Captioner,
+    checkpoint_model_type,
+    load_blip2_captioner,
+)
 from capvqa.models.blip_captioner import BlipCaptioner, load_blip_captioner
+from capvqa.models.loading import ModelRef
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ImageCaptioningConfig:
+    """BLIP: ``prompt`` is the decoder's text prefix, and ``max_length``/``min_length`` count its tokens
+    (``[DEC] a picture of``), as BLIP's ``generate`` does. BLIP-2: ``prompt`` follows the query tokens into
+    the LM (``"a photo of"``, or empty for prompt-less captions), and the lengths are passed to the LM as
+    LAVIS's BLIP-2 ``generate`` passes ``max_len``/``min_len`` (:mod:`capvqa.models.blip2_captioner`)."""
+
     model: str = "Salesforce/blip-image-captioning-large"
     revision: str | None = None
     prompt: str = "a picture of "
@@ -65,10 +84,18 @@ class ImageCaptioning:
     def __init__(self, config: ImageCaptioningConfig | None = None, **overrides: Any) -> None:
         self.config = config or ImageCaptioningConfig(**overrides)
         self._captioner: BlipCaptioner | None = None
+        self._blip2: Blip2Captioner | None = None
 
     def setup(self, runtime: Runtime) -> None:
         cfg = self.config
         self.runtime = runtime
+        ref = ModelRef(cfg.model, cfg.revision)
+        if checkpoint_model_type(ref) == BLIP2_MODEL_TYPE:
+            self._blip2 = load_blip2_captioner(ref, runtime, cfg.prompt)
+            log.info("image captioning: BLIP-2 %s (%s LM), prompt %r, beam %d, length %d..%d (the LM's)",
+                     cfg.model, "decoder-only" if self._blip2.decoder_only else "encoder-decoder", cfg.prompt,
+                     cfg.num_beams, cfg.min_length, cfg.max_length)
+            return
         self._captioner = load_blip_captioner(cfg.model, cfg.revision, runtime, cfg.prompt)
         log.info("image captioning: BLIP %s, beam %d, length %d..%d (prompt included)",
                  cfg.model, cfg.num_beams, cfg.min_length, cfg.max_length)
@@ -81,6 +108,9 @@ class ImageCaptioning:
     def caption_images(self, images: list) -> list[str]:
         """One beam-search caption per PIL image, in order."""
         cfg, captioner = self.config, self._captioner
+        if self._blip2 is not None:
+            return self._blip2.caption(images, num_beams=cfg.num_beams, max_length=cfg.max_length,
+                                       min_length=cfg.min_length)
         image_embeds = captioner.encode_images(images)
         prompt_length = len(captioner.prompt_ids)
         input_ids = captioner.prompt_batch(len(images))
@@ -101,6 +131,6 @@ class ImageCaptioning:
         return captioner.texts(output)
 
     def cleanup(self) -> None:
-        self._captioner = None
+        self._captioner = self._blip2 = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -22,6 +22,11 @@ and inference code as the real checkpoints, in seconds, on a CPU.
 - ``llava``: LlavaForConditionalGeneration (CLIP vision tower, Llama LM) + LlavaProcessor with llava-hf's
   chat template (``USER: <image>\n... ASSISTANT:``); for llava-hf/llava-1.5-7b-hf. The tokenizer is
   OPT's byte-level BPE with Llama's ``<s>``/``</s>`` and ``<image>``, not Llama's SentencePiece BPE.
+- ``idefics``: Idefics3ForConditionalGeneration (SigLIP-style vision tower, pixel shuffle by 2, Llama LM)
+  + Idefics3Processor with Idefics3-8B-Llama3's chat template and its PIL image processor (no
+  torchvision), splitting images into tiles as Idefics3 does; for HuggingFaceM4/Idefics3-8B-Llama3. The
+  tokenizer is the same byte-level BPE with Llama 3's ``<|begin_of_text|>``/``<|end_of_text|>`` and
+  Idefics3's image tokens.
 
 The weights are random: outputs have the right shapes and types, not meaning. Two builds write
 byte-identical files (fixed seed per role, single-threaded tokenizer training), so a folder's hash can
@@ -53,6 +58,9 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     GPT2Tokenizer,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
     InstructBlipProcessor,
@@ -75,14 +83,16 @@ logger = logging.getLogger(__name__)
 
 # 2: the ITM head is centred (centre_itm_head), OPT has 2048 positions as the real ones
 # 3: end-to-end vision-language models (blip2, blip2_opt, instructblip, llava)
-ZOO_VERSION = 3
+# 4: idefics (Idefics3) for few-shot prompts with interleaved images
+ZOO_VERSION = 4
 ZOO_SEED = 1234
 MANIFEST_NAME = "manifest.json"
 ROLES: tuple[str, ...] = (
     "itm", "captioner", "reader", "qg", "causal_lm", "clip", "blip2", "blip2_opt", "instructblip", "llava",
+    "idefics",
 )
 
-# Sizes shared by the roles (kept small: the whole zoo is ~7 MB and builds in a few seconds).
+# Sizes shared by the roles (kept small: the whole zoo is ~7.5 MB and builds in a few seconds).
 IMAGE_SIZE = 64  # 64 / 16 = 4x4 patches (+ CLS): same code paths as 384 px / 24x24, 36x less work
 PATCH_SIZE = 16
 T5_SP_VOCAB = 500
@@ -115,6 +125,7 @@ _ENTRIES = (
     ("instructblip", "InstructBlipForConditionalGeneration", "InstructBlipProcessor",
      "Salesforce/instructblip-flan-t5-xl"),
     ("llava", "LlavaForConditionalGeneration", "LlavaProcessor", "llava-hf/llava-1.5-7b-hf"),
+    ("idefics", "Idefics3ForConditionalGeneration", "Idefics3Processor", "HuggingFaceM4/Idefics3-8B-Llama3"),
 )
 
 
@@ -329,6 +340,67 @@ def tiny_llava_config(
                        vision_feature_select_strategy="default")
 
 
+def tiny_idefics3_config(
+    *, vocab_size: int, image_token_id: int, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+    hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, max_position_embeddings: int = 4096,
+    scale_factor: int = 2,
+) -> Idefics3Config:
+    """A small Idefics3: an Idefics3 (SigLIP-style) vision tower, the connector's pixel shuffle by
+    ``scale_factor`` and a Llama LM. Each image becomes (IMAGE_SIZE / PATCH_SIZE)^2 / scale_factor^2
+    ``<image>`` tokens (:func:`idefics3_image_seq_len`)."""
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+    text = {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size, "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+            "max_position_embeddings": max_position_embeddings, "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    return Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                          image_token_id=image_token_id, pad_token_id=pad_token_id)
+
+
+def idefics3_image_seq_len(scale_factor: int = 2) -> int:
+    """``<image>`` tokens per image: the patches after the connector's pixel shuffle."""
+    return (IMAGE_SIZE // PATCH_SIZE) ** 2 // scale_factor**2
+
+
+# HuggingFaceM4/Idefics3-8B-Llama3's chat template (chat_template.json), verbatim
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_idefics3_tokenizer(vocab_size: int = OPT_VOCAB, model_max_length: int = 4096) -> GPT2Tokenizer:
+    """Byte-level BPE with Llama 3's ``<|begin_of_text|>``/``<|end_of_text|>`` (the chat template writes
+    the former itself, so the tokenizer adds none), a pad token, and the image tokens Idefics3's processor
+    looks up (``<fake_token_around_image>``, ``<global-img>``; it adds ``<image>`` and
+    ``<end_of_utterance>`` itself); left padding."""
+    vocab, merges = offline_tokenizers.opt_bpe_vocab(vocab_size=vocab_size)
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token="<|begin_of_text|>",
+                              eos_token="<|end_of_text|>", unk_token="<unk>", pad_token="<pad>",
+                              add_bos_token=False, add_prefix_space=False, padding_side="left",
+                              model_max_length=model_max_length)
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)
+                          for token in ("<fake_token_around_image>", "<global-img>")], special_tokens=True)
+    return tokenizer
+
+
+def idefics3_image_processor():
+    # transformers v5 without torchvision has the PIL backend only. Idefics3's layout scaled down: images
+    # resized to a longest edge of 2 tiles and split into IMAGE_SIZE tiles plus a global view (the real
+    # one: 4 x 364 px, tiles of 364 px), so image splitting has something to split
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    return Idefics3ImageProcessorPil(size={"longest_edge": 2 * IMAGE_SIZE},
+                                     max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True)
+
+
 # llava-hf/llava-1.5-*-hf's chat template, in effect: "USER: <image>\n{text} ASSISTANT:"
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
@@ -520,6 +592,16 @@ def _build_vision_language_models(paths: dict[str, Path], seeds: dict[str, int])
                                pad_token_id=tokenizer.pad_token_id)
     save_random_model(LlavaForConditionalGeneration, config, paths["llava"], seeds["llava"])
     processor.save_pretrained(paths["llava"])
+
+    tokenizer = build_idefics3_tokenizer()
+    processor = Idefics3Processor(image_processor=idefics3_image_processor(), tokenizer=tokenizer,
+                                  image_seq_len=idefics3_image_seq_len(), chat_template=IDEFICS3_CHAT_TEMPLATE)
+    config = tiny_idefics3_config(vocab_size=_round_up(len(tokenizer), 16),
+                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    save_random_model(Idefics3ForConditionalGeneration, config, paths["idefics"], seeds["idefics"])
+    processor.save_pretrained(paths["idefics"])
 
 
 def default_zoo_dir() -> Path:

@@ -18,6 +18,14 @@ task asks it):
   ``"<img>{}</img>{} Answer:"`` (``eval_mm/evaluate_vqa.py``), a format transformers does not serve.
 - ``idefics``: the short-answer instruction in a user turn of Idefics2/3's chat template.
 
+Few-shot (Flamingo-style, :func:`few_shot_messages`): in-context examples are interleaved before the query
+as OpenFlamingo's VQA evaluation interleaves them (``open_flamingo/eval/evaluate.py``, ``evaluate_vqa``:
+each example's image, question and first answer, then the query's image and question, the most similar
+example last as its RICES retrieval orders them), each example a user turn in the family's format and an
+assistant turn holding its answer, rendered by the model's chat template (Idefics2/3's template writes
+``User:<image>{text}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n``). Only formats whose
+processors take several images per prompt can do this (:data:`FEW_SHOT_FORMATS`).
+
 A format is either plain text with the image in front (BLIP-2, InstructBLIP: their processors insert the
 query tokens) or a chat message with an image and a text part, rendered by the model's own chat template.
 BLIP-2 and InstructBLIP's questions first go through the LAVIS text processor their configs name
@@ -28,6 +36,7 @@ LAVIS's VQA datasets apply it before the prompt is formatted; LLaVA and lmms-eva
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +146,46 @@ def render_prompt(fmt: VlmPromptFormat, question: str, chat_template: Any = None
             f"vlm_answer: prompt format {fmt.name!r} needs the model's chat template, and its processor has none"
         )
     return fmt.fallback.format(text=text)
+
+
+#: formats whose models read several images in one prompt (Idefics2/3: one image list per prompt)
+FEW_SHOT_FORMATS = ("idefics",)
+
+
+def few_shot_format(name: str) -> VlmPromptFormat:
+    """The format called ``name`` if it can hold in-context examples; a ConfigError says which can."""
+    fmt = prompt_format(name)
+    if name not in FEW_SHOT_FORMATS:
+        raise ConfigError(
+            f"prompt format {name!r} cannot hold in-context examples (one image per prompt); few-shot formats: "
+            f"{', '.join(FEW_SHOT_FORMATS)}"
+        )
+    return fmt
+
+
+def few_shot_messages(
+    fmt: VlmPromptFormat, examples: Sequence[tuple[str, str]], question: str
+) -> list[dict[str, Any]]:
+    """The chat of a few-shot prompt: per ``(question, answer)`` example, in the order given, a user turn
+    (its image, then its question in ``fmt``) and an assistant turn (the answer); then the query's user
+    turn. The images are the examples' in order, then the query's."""
+    messages: list[dict[str, Any]] = []
+    for example_question, answer in examples:
+        messages.extend(chat_messages(question_text(fmt, example_question)))
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return [*messages, *chat_messages(question_text(fmt, question))]
+
+
+def render_few_shot_prompt(
+    fmt: VlmPromptFormat, examples: Sequence[tuple[str, str]], question: str, chat_template: Any
+) -> str:
+    """The exact text the processor gets for a few-shot prompt (:func:`few_shot_messages` through the
+    model's chat template, with the generation prompt). Few-shot formats have no plain-text fallback."""
+    if chat_template is None:
+        raise ConfigError(
+            f"few-shot prompts in format {fmt.name!r} need the model's chat template, and its processor has none"
+        )
+    return chat_template(few_shot_messages(fmt, examples, question))
 
 
 def clean_answer(raw: str) -> str:
