@@ -76,7 +76,7 @@ def test_layout_and_manifest(zoo):
     assert "processor_config.json" in {p.name for p in zoo["itm"].iterdir()}
     assert "processor_config.json" in {p.name for p in zoo["clip"].iterdir()}
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert total < 8_000_000
+    assert total < 9_000_000
 
 
 def test_build_is_deterministic(zoo, tmp_path):
@@ -305,6 +305,73 @@ def test_idefics3_reads_several_images_per_prompt_without_torchvision(zoo, image
     assert (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [2 * per_image, per_image]
     out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
     assert out.shape[0] == 2
+
+
+def _torchvision_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def test_qwen2_vl_loads_without_torchvision_through_the_image_only_processor(zoo, images):
+    from capvqa.models.qwen2_vl_image_processor import Qwen2VLImageOnlyProcessor
+
+    folder = zoo["qwen2_vl"]
+    assert {"preprocessor_config.json", "chat_template.jinja"} <= {p.name for p in folder.iterdir()}  # as the hub's
+    if not _torchvision_installed():
+        with pytest.raises(ImportError, match="[Tt]orchvision"):  # the video processor; what users hit too
+            AutoProcessor.from_pretrained(folder)
+    processor = Qwen2VLImageOnlyProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(processor.image_processor).__name__ in {"Qwen2VLImageProcessorPil", "Qwen2VLImageProcessor"}
+    tokenizer = processor.tokenizer
+    config = model.config
+    assert (config.image_token_id, config.video_token_id, config.vision_start_token_id,
+            config.vision_end_token_id) == tuple(tokenizer.convert_tokens_to_ids(
+                ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]))
+    assert processor.image_token_id == config.image_token_id
+    assert config.get_text_config().vocab_size >= len(tokenizer)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side) == ("<|im_end|>", "<|endoftext|>", "left")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>what is it?<|im_end|>\n<|im_start|>assistant\n")
+    rgb = [image.convert("RGB") for image in images]
+    inputs = processor(images=rgb, text=[text] * 2, padding=True, return_tensors="pt")
+    # dynamic resolution: 90x120 px -> 32x64 px -> 2x4 patches, 48x64 px -> 64x64 px -> 4x4 patches
+    assert inputs["image_grid_thw"].tolist() == [[1, 2, 4], [1, 4, 4]]
+    assert inputs["pixel_values"].shape == (8 + 16, 3 * 2 * tiny_zoo.PATCH_SIZE**2)
+    # one <|image_pad|> per 2x2 merged patches
+    assert (inputs["input_ids"] == config.image_token_id).sum(dim=1).tolist() == [2, 4]
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[0] == 2
+    with pytest.raises(ValueError, match="video"):
+        processor(videos=[np.zeros((2, 64, 64, 3), dtype=np.uint8)], text=["<|vision_start|><|video_pad|>"])
+
+
+def test_the_image_only_qwen2_vl_processor_encodes_images_as_transformers_processor(zoo, images, monkeypatch):
+    """The same images and texts through transformers' Qwen2VLProcessor, built here without its video
+    processor by skipping its constructor's class check (its video path is never taken for images)."""
+    from transformers import AutoImageProcessor, Qwen2VLProcessor
+
+    from capvqa.models.qwen2_vl_image_processor import Qwen2VLImageOnlyProcessor
+
+    folder = zoo["qwen2_vl"]
+    ours = Qwen2VLImageOnlyProcessor.from_pretrained(folder)
+    monkeypatch.setattr(Qwen2VLProcessor, "check_argument_for_proper_class", lambda self, name, value: None)
+    theirs = Qwen2VLProcessor(image_processor=AutoImageProcessor.from_pretrained(folder),
+                              tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=object(),
+                              chat_template=(folder / "chat_template.jinja").read_text())
+    rgb = [image.convert("RGB") for image in images]
+    texts = ["<|vision_start|><|image_pad|><|vision_end|>what is it?", "a <|vision_start|><|image_pad|><|vision_end|>"]
+    mine = ours(images=rgb, text=texts, padding=True, return_tensors="pt")
+    real = theirs(images=rgb, text=texts, padding=True, return_tensors="pt")
+    assert sorted(mine) == sorted(real) == ["attention_mask", "image_grid_thw", "input_ids", "mm_token_type_ids",
+                                            "pixel_values"]
+    assert all(torch.equal(mine[key], real[key]) for key in real)
+    assert ours.chat_template == theirs.chat_template
 
 
 # ---------------------------------------------------------------------------------------------------

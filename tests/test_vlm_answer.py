@@ -19,14 +19,17 @@ from capvqa.text.vlm_prompts import PROMPT_FORMATS, chat_messages, clean_answer,
 
 SHORT = "\nAnswer the question using a single word or phrase."
 
-# role in the tiny zoo -> (prompt format, decoder-only LM)
+# role in the tiny zoo -> (prompt format, decoder-only LM); test_vlm_backends serves each on every backend
 FAMILIES = {
     "blip2": ("blip2", False),
     "blip2_opt": ("blip2", True),
     "instructblip": ("instructblip", False),
     "llava": ("llava", True),
 }
-PIPELINES = ["blip2", "blip2-opt-2.7b", "instructblip", "llava"]
+# and the families answered in-process only: test_vlm_backends' vLLM stand-in builds AutoProcessor, which
+# needs torchvision for Qwen2-VL (vLLM itself installs torchvision)
+IN_PROCESS_FAMILIES = {**FAMILIES, "qwen2_vl": ("qwen2_vl", True)}
+PIPELINES = ["blip2", "blip2-opt-2.7b", "instructblip", "llava", "qwen-vl"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,9 +113,9 @@ def _inputs(folder: Path, questions: list[str]) -> list[StageInput]:
 QUESTIONS = ["what is on the table?", "how many cats are on the bed in this room?", "is it sunny?"]
 
 
-@pytest.mark.parametrize("role", list(FAMILIES))
+@pytest.mark.parametrize("role", list(IN_PROCESS_FAMILIES))
 def test_each_family_answers_a_batch_as_it_answers_each_item(role, tiny_zoo, cpu_runtime, tmp_path):
-    fmt, decoder_only = FAMILIES[role]
+    fmt, decoder_only = IN_PROCESS_FAMILIES[role]
     stage = VLMAnswerer(model=str(tiny_zoo[role]), prompt_format=fmt, max_new_tokens=4)
     stage.setup(cpu_runtime)
     try:
@@ -131,6 +134,10 @@ def test_each_family_answers_a_batch_as_it_answers_each_item(role, tiny_zoo, cpu
         assert question in out.prompt
     if role == "llava":
         assert batched[0].prompt == "USER: <image>\n" + QUESTIONS[0] + SHORT + " ASSISTANT:"
+    elif role == "qwen2_vl":
+        assert batched[0].prompt == (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "<|vision_start|><|image_pad|><|vision_end|>" + QUESTIONS[0] + SHORT + "<|im_end|>\n<|im_start|>assistant\n")
     else:
         assert batched[0].prompt == render_prompt(prompt_format(fmt), QUESTIONS[0])
 
@@ -193,10 +200,32 @@ def test_each_alias_maps_its_role_to_the_tiny_zoo(name, tiny_zoo):
     assert spec.models[role] == str(tiny_zoo[role])
 
 
-def test_qwen_vl_loads_and_says_why_it_has_no_tiny_model(tiny_zoo):
+def test_qwen2_vl_without_torchvision_loads_an_image_only_processor_and_says_so(tiny_zoo, cpu_runtime, caplog):
+    import importlib.util
+
+    from capvqa.models.loading import ModelRef
+    from capvqa.models.qwen2_vl_image_processor import Qwen2VLImageOnlyProcessor
+    from capvqa.models.vlm import load_vision_language_model
+
     assert load_spec("qwen-vl").models == {"qwen2_vl": "Qwen/Qwen2-VL-7B-Instruct"}
-    with pytest.raises(ConfigError, match="torchvision"):
-        load_spec("qwen-vl", models_preset="tiny")
+    vlm = load_vision_language_model(ModelRef(str(tiny_zoo["qwen2_vl"])), cpu_runtime)
+    if importlib.util.find_spec("torchvision") is None:
+        assert type(vlm.processor) is Qwen2VLImageOnlyProcessor
+        assert "videos unavailable" in caplog.text
+    assert vlm.model_type == "qwen2_vl" and vlm.chat_template is not None
+    vlm.close()
+
+
+def test_other_import_errors_of_a_processor_are_not_hidden(tiny_zoo, cpu_runtime, monkeypatch):
+    import capvqa.models.vlm as vlm_module
+    from capvqa.models.loading import ModelRef
+
+    def fail(*args, **kwargs):
+        raise ImportError("LlavaProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(vlm_module, "load_processor", fail)
+    with pytest.raises(ImportError, match="LlavaProcessor"):  # a torchvision error, but not Qwen2-VL's
+        vlm_module.load_vision_language_model(ModelRef(str(tiny_zoo["llava"])), cpu_runtime)
 
 
 @pytest.mark.parametrize(("name", "dataset", "expected"), [

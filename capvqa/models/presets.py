@@ -15,12 +15,6 @@ MODEL_PRESETS = ("hub", "tiny")
 # pipeline roles that the tiny zoo serves under another name
 TINY_ROLE_ALIASES = {"llm": "causal_lm"}
 
-# roles the tiny zoo cannot serve, and why (shown when a pipeline with one runs with --models tiny)
-TINY_ROLES_MISSING = {
-    "qwen2_vl": "transformers builds Qwen2-VL's processor with a video processor that needs torchvision, "
-                "so the zoo, which must build anywhere, has no tiny Qwen2-VL",
-}
-
 
 def apply_models_preset(preset: str, models: dict[str, str]) -> dict[str, str]:
     if preset == "hub":
@@ -32,7 +26,6 @@ def apply_models_preset(preset: str, models: dict[str, str]) -> dict[str, str]:
         zoo_role = {role: TINY_ROLE_ALIASES.get(role, role) for role in models}
         missing = sorted(role for role, name in zoo_role.items() if name not in zoo)
         if missing:
-            why = "".join(f" ({role}: {TINY_ROLES_MISSING[role]})" for role in missing if role in TINY_ROLES_MISSING)
-            raise ConfigError(f"the tiny zoo has no model for roles {missing}; it has {sorted(zoo)}{why}")
+            raise ConfigError(f"the tiny zoo has no model for roles {missing}; it has {sorted(zoo)}")
         return {role: str(zoo[zoo_role[role]]) for role in models}
     raise ConfigError(f"unknown --models preset {preset!r}; valid: {list(MODEL_PRESETS)}")

@@ -1,9 +1,11 @@
 """Model I/O of end-to-end vision-language models: one image and one prompt in, a short answer out.
 
 Any ``AutoModelForImageTextToText`` checkpoint with its ``AutoProcessor`` (BLIP-2, InstructBLIP, LLaVA,
-Qwen2-VL, Idefics2/3 in transformers 5). What the prompts say lives in :mod:`capvqa.text.vlm_prompts`;
-this module only batches, pads and decodes (docs/methods.md#end-to-end-vision-language-models). It is the
-in-process (``hf``) :class:`capvqa.llm.VisionLanguageBackend`; the served ones live in :mod:`capvqa.llm`.
+Qwen2-VL, Idefics2/3 in transformers 5; Qwen2-VL's without torchvision is
+:class:`capvqa.models.qwen2_vl_image_processor.Qwen2VLImageOnlyProcessor`). What the prompts say lives in
+:mod:`capvqa.text.vlm_prompts`; this module only batches, pads and decodes
+(docs/methods.md#end-to-end-vision-language-models). It is the in-process (``hf``)
+:class:`capvqa.llm.VisionLanguageBackend`; the served ones live in :mod:`capvqa.llm`.
 
 Padding: a decoder-only language model is padded on the left, so every row's last position is its own
 last prompt token and generation continues from there. An encoder-decoder one (BLIP-2 and InstructBLIP
@@ -138,9 +140,36 @@ def load_vision_language_model(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
-    processor = load_processor(AutoProcessor, ref, **extra)
+    try:
+        processor = load_processor(AutoProcessor, ref, **extra)
+    except ImportError as error:
+        processor = _image_only_processor(ref, error, **extra)
     if device_map:
         extra["device_map"] = device_map
     model = load_model(AutoModelForImageTextToText, ref, device=runtime.device, dtype=runtime.dtype, **extra)
     device = next(model.parameters()).device
     return VisionLanguageModel(model, processor, device, name=f"hf:{ref.id}")
+
+
+def _image_only_processor(ref: ModelRef, error: ImportError, **extra: Any) -> Any:
+    """Qwen2-VL's processor without its video processor, when ``AutoProcessor`` failed for want of
+    torchvision (transformers 5 builds Qwen2-VL's video processor on it); any other ImportError, or
+    another model type, is raised as it was. capvqa feeds one image per prompt, so nothing is lost."""
+    from transformers import AutoConfig
+
+    from capvqa.models.qwen2_vl_image_processor import (
+        QWEN2_VL_MODEL_TYPES,
+        Qwen2VLImageOnlyProcessor,
+        needs_torchvision,
+    )
+
+    if not needs_torchvision(error):
+        raise error
+    config = AutoConfig.from_pretrained(ref.id, **ref.pretrained_kwargs(), **extra)
+    model_type = getattr(config, "model_type", "")
+    if model_type not in QWEN2_VL_MODEL_TYPES:
+        raise error
+    log.warning("%s: transformers' %s processor needs torchvision for videos, which is not installed; "
+                "loading its image processor, tokenizer and chat template only (videos unavailable)",
+                ref.id, model_type)
+    return load_processor(Qwen2VLImageOnlyProcessor, ref, **extra)

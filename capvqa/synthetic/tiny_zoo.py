@@ -27,6 +27,12 @@ and inference code as the real checkpoints, in seconds, on a CPU.
   torchvision), splitting images into tiles as Idefics3 does; for HuggingFaceM4/Idefics3-8B-Llama3. The
   tokenizer is the same byte-level BPE with Llama 3's ``<|begin_of_text|>``/``<|end_of_text|>`` and
   Idefics3's image tokens.
+- ``qwen2_vl``: Qwen2VLForConditionalGeneration (Qwen2-VL vision tower with 2D rotary positions, 2x2
+  patch merger, Qwen2 LM with multimodal rotary positions) + Qwen2-VL-7B-Instruct's chat template and its
+  PIL image processor (dynamic resolution: images resized to multiples of 32 px, up to 64x64 px here),
+  written as the hub folder is (``preprocessor_config.json``, tokenizer, chat template; no video processor,
+  which needs torchvision); for Qwen/Qwen2-VL-7B-Instruct. The tokenizer is the same byte-level BPE with
+  Qwen2's ``<|endoftext|>``/``<|im_start|>``/``<|im_end|>`` and the vision tokens.
 
 The weights are random: outputs have the right shapes and types, not meaning. Two builds write
 byte-identical files (fixed seed per role, single-threaded tokenizer training), so a folder's hash can
@@ -70,6 +76,8 @@ from transformers import (
     OPTConfig,
     OPTForCausalLM,
     PreTrainedModel,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -84,15 +92,16 @@ logger = logging.getLogger(__name__)
 # 2: the ITM head is centred (centre_itm_head), OPT has 2048 positions as the real ones
 # 3: end-to-end vision-language models (blip2, blip2_opt, instructblip, llava)
 # 4: idefics (Idefics3) for few-shot prompts with interleaved images
-ZOO_VERSION = 4
+# 5: qwen2_vl (Qwen2-VL), loaded without torchvision through capvqa's image-only processor
+ZOO_VERSION = 5
 ZOO_SEED = 1234
 MANIFEST_NAME = "manifest.json"
 ROLES: tuple[str, ...] = (
     "itm", "captioner", "reader", "qg", "causal_lm", "clip", "blip2", "blip2_opt", "instructblip", "llava",
-    "idefics",
+    "idefics", "qwen2_vl",
 )
 
-# Sizes shared by the roles (kept small: the whole zoo is ~7.5 MB and builds in a few seconds).
+# Sizes shared by the roles (kept small: the whole zoo is ~8 MB and builds in a few seconds).
 IMAGE_SIZE = 64  # 64 / 16 = 4x4 patches (+ CLS): same code paths as 384 px / 24x24, 36x less work
 PATCH_SIZE = 16
 T5_SP_VOCAB = 500
@@ -126,6 +135,7 @@ _ENTRIES = (
      "Salesforce/instructblip-flan-t5-xl"),
     ("llava", "LlavaForConditionalGeneration", "LlavaProcessor", "llava-hf/llava-1.5-7b-hf"),
     ("idefics", "Idefics3ForConditionalGeneration", "Idefics3Processor", "HuggingFaceM4/Idefics3-8B-Llama3"),
+    ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen/Qwen2-VL-7B-Instruct"),
 )
 
 
@@ -401,6 +411,74 @@ def idefics3_image_processor():
                                      max_image_size={"longest_edge": IMAGE_SIZE}, do_image_splitting=True)
 
 
+def tiny_qwen2_vl_config(
+    *, vocab_size: int, image_token_id: int, video_token_id: int, vision_start_token_id: int,
+    vision_end_token_id: int, bos_token_id: int, eos_token_id: int, pad_token_id: int, hidden_size: int = 32,
+    num_layers: int = 2, num_heads: int = 2, max_position_embeddings: int = 4096,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+) -> Qwen2VLConfig:
+    """A small Qwen2-VL: its vision tower on PATCH_SIZE patches (real: 14 px) with the 2x2 patch merger,
+    and a Qwen2 LM whose rotary dimensions are split over (time, height, width) by ``mrope_section``
+    (sums to half the head size, as [16, 24, 24] for the real 128)."""
+    head_dim = hidden_size // num_heads
+    if 2 * sum(mrope_section) != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to half the head size {head_dim}")
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": hidden_size, "num_heads": 2, "mlp_ratio": 2,
+              "patch_size": PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    text = {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_heads,
+            "max_position_embeddings": max_position_embeddings,
+            "rope_parameters": {"rope_type": "default", "mrope_section": list(mrope_section),
+                                "rope_theta": 1000000.0},
+            "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=image_token_id,
+                         video_token_id=video_token_id, vision_start_token_id=vision_start_token_id,
+                         vision_end_token_id=vision_end_token_id)
+
+
+# Qwen/Qwen2-VL-7B-Instruct's chat template (chat_template.json), verbatim
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN2_VL_SPECIAL_TOKENS = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def build_qwen2_vl_tokenizer(vocab_size: int = OPT_VOCAB, model_max_length: int = 4096) -> GPT2Tokenizer:
+    """Byte-level BPE with Qwen2-VL-Instruct's special tokens: ``<|endoftext|>`` pads, ``<|im_end|>`` ends
+    a turn (the eos), no bos (the chat template writes ``<|im_start|>``), and the vision tokens; left
+    padding."""
+    vocab, merges = offline_tokenizers.opt_bpe_vocab(vocab_size=vocab_size)
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, bos_token=None, eos_token="<|im_end|>",
+                              unk_token="<unk>", pad_token="<|endoftext|>", add_bos_token=False,
+                              add_prefix_space=False, padding_side="left", model_max_length=model_max_length)
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN2_VL_SPECIAL_TOKENS],
+                         special_tokens=True)
+    return tokenizer
+
+
+def qwen2_vl_image_processor():
+    # the PIL backend (no torchvision); Qwen2-VL's dynamic resolution scaled down: each side a multiple of
+    # patch x merge = 32 px, between 32x32 and 64x64 px in area (the real one: 28 px, 56x56 to 28x28x1280)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=(2 * PATCH_SIZE) ** 2, max_pixels=IMAGE_SIZE**2,
+                                    patch_size=PATCH_SIZE, merge_size=2, temporal_patch_size=2)
+
+
 # llava-hf/llava-1.5-*-hf's chat template, in effect: "USER: <image>\n{text} ASSISTANT:"
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
@@ -602,6 +680,20 @@ def _build_vision_language_models(paths: dict[str, Path], seeds: dict[str, int])
                                   pad_token_id=tokenizer.pad_token_id)
     save_random_model(Idefics3ForConditionalGeneration, config, paths["idefics"], seeds["idefics"])
     processor.save_pretrained(paths["idefics"])
+
+    # Qwen2VLProcessor cannot be built without torchvision (its video processor), so the folder is written
+    # part by part, as the hub's Qwen2-VL folders are; AutoProcessor reads them back where torchvision is
+    # installed, capvqa's image-only processor where it is not (capvqa.models.qwen2_vl_image_processor).
+    tokenizer = build_qwen2_vl_tokenizer()
+    ids = dict(zip(QWEN2_VL_SPECIAL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN2_VL_SPECIAL_TOKENS))))
+    config = tiny_qwen2_vl_config(vocab_size=_round_up(len(tokenizer), 16), image_token_id=ids["<|image_pad|>"],
+                                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"], bos_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    save_random_model(Qwen2VLForConditionalGeneration, config, paths["qwen2_vl"], seeds["qwen2_vl"])
+    qwen2_vl_image_processor().save_pretrained(paths["qwen2_vl"])
+    tokenizer.save_pretrained(paths["qwen2_vl"])
+    (paths["qwen2_vl"] / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE, encoding="utf-8")
 
 
 def default_zoo_dir() -> Path:
