@@ -255,8 +255,8 @@ def test_bench_size_follows_the_pipeline_name(pipeline, size, expected):
     ("pnp-vqa-large", "base", "pnp-vqa-large is the large size but --size base was given"),
     ("pnp-vqa-base", "3b", "pnp-vqa-base is the base size but --size 3b was given"),
     ("pnp-vqa", "bogus", "unknown --size 'bogus'; valid: base, large, 3b"),
-    ("img2llm", None, "cannot measure 'img2llm'"),
-    ("pica", None, "cannot measure 'pica'"),
+    ("img2llm", "base", "unknown --size 'base'"),
+    ("blip2", None, "cannot measure 'blip2'"),
     ("pnp-vqa-xl", None, "cannot measure 'pnp-vqa-xl'"),
 ])
 def test_bench_refuses_sizes_and_pipelines_it_cannot_build(pipeline, size, message):
@@ -265,20 +265,22 @@ def test_bench_refuses_sizes_and_pipelines_it_cannot_build(pipeline, size, messa
     assert message in str(refused.value)
     if "cannot measure" in message:
         assert "pnp-vqa, pnp-vqa-base, pnp-vqa-large, pnp-vqa-3b" in str(refused.value)
+        assert "img2llm" in str(refused.value) and "pica" in str(refused.value)
 
 
 def test_every_bench_pipeline_has_a_config_and_an_architecture():
+    from capvqa.bench.run import bench_method
     from capvqa.engine.config import locate_config
-    from capvqa.synthetic.bench_models import UNIFIEDQA_SIZES
 
     for pipeline in BENCH_PIPELINES:
         config, size = resolve_bench_config(pipeline)
-        assert locate_config(config).is_file() and size in UNIFIEDQA_SIZES
+        assert locate_config(config).is_file() and size in bench_method(pipeline).sizes
 
 
 @pytest.fixture
 def no_model_builds(monkeypatch):
     """Fail the test if bench builds real-size models or any pipeline."""
+    import capvqa.bench.run
     import capvqa.engine.pipeline
     import capvqa.synthetic.bench_models
 
@@ -287,6 +289,7 @@ def no_model_builds(monkeypatch):
 
     monkeypatch.setattr(capvqa.synthetic.bench_models, "ensure_pnp_vqa_models", forbidden)
     monkeypatch.setattr(capvqa.engine.pipeline.Pipeline, "from_yaml", forbidden)
+    monkeypatch.setattr(capvqa.bench.run, "build_models", forbidden)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -295,7 +298,8 @@ def no_model_builds(monkeypatch):
     (["pnp-vqa", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["pnp-vqa", "--caption-tokens", "-1"], "--caption-tokens must be at least 1, got -1"),
     (["pnp-vqa-large", "--size", "base"], "pnp-vqa-large is the large size but --size base was given"),
-    (["img2llm"], "cannot measure 'img2llm'"),
+    (["blip2"], "cannot measure 'blip2'"),
+    (["pica", "--num-captions", "5"], "does not apply to pica"),
 ])
 def test_bench_cli_refuses_before_any_model_is_built(monkeypatch, capsys, no_model_builds, args, message):
     code, out, err = run_main(monkeypatch, capsys, "bench", *args, "--random-weights")
@@ -308,8 +312,8 @@ def test_bench_api_checks_counts_before_building(no_model_builds):
 
     with pytest.raises(ConfigError, match="--questions must be at least 1"):
         run_benchmark("pnp-vqa", questions=0)
-    with pytest.raises(ConfigError, match="cannot measure 'pica'"):
-        run_benchmark("pica")
+    with pytest.raises(ConfigError, match="cannot measure 'blip2'"):
+        run_benchmark("blip2")
 
 
 def test_bench_of_the_large_pipeline_builds_the_large_reader(monkeypatch, capsys):

@@ -12,8 +12,8 @@ from capvqa.cli.console import check_output_file, console, print_text, print_war
 
 
 def bench(
-    pipeline: Annotated[str, typer.Argument(help="pnp-vqa (size from --size) or pnp-vqa-base | pnp-vqa-large | pnp-vqa-3b (that size).")] = "pnp-vqa",
-    size: Annotated[str | None, typer.Option(help="base | large | 3b (the UnifiedQA reader); default: the pipeline's size, base for pnp-vqa.")] = None,
+    pipeline: Annotated[str, typer.Argument(help="pnp-vqa (size from --size) or pnp-vqa-base | pnp-vqa-large | pnp-vqa-3b (that size); img2llm | pica | pica-full (OPT size from --size) or img2llm-opt-6.7b ... | pica-opt-6.7b (that size).")] = "pnp-vqa",
+    size: Annotated[str | None, typer.Option(help="PNP-VQA: base | large | 3b (the UnifiedQA reader; default base). Img2LLM, PICa: 125m | 350m | 1.3b | 2.7b | 6.7b | 13b | 30b | 66b (the OPT LLM; default 1.3b). Default: the pipeline's size.")] = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architectures and vocabulary sizes with random weights (no download).")] = False,
     models: Annotated[str | None, typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
     questions: Annotated[int, typer.Option(help="Synthetic questions.")] = 4,
@@ -21,22 +21,25 @@ def bench(
     batch_size: Annotated[int, typer.Option(help="Batch size of every stage.")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | mps (default: best available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,
-    num_captions: Annotated[int, typer.Option(help="Captions per question.")] = 100,
-    num_patches: Annotated[int, typer.Option(help="Patches per caption.")] = 20,
-    caption_tokens: Annotated[int, typer.Option(help="Forced new tokens per caption (min = max).")] = 16,
-    answer_tokens: Annotated[int, typer.Option(help="Forced answer tokens (min = max).")] = 19,
+    num_captions: Annotated[int | None, typer.Option(help="PNP-VQA, Img2LLM: captions per question (default 100; Img2LLM: captions kept).")] = None,
+    num_patches: Annotated[int | None, typer.Option(help="PNP-VQA, Img2LLM: patches per caption (default 20).")] = None,
+    caption_tokens: Annotated[int | None, typer.Option(help="Forced new tokens per caption (min = max; default 16).")] = None,
+    answer_tokens: Annotated[int | None, typer.Option(help="Forced answer tokens (min = max; default: PNP-VQA 19, Img2LLM 10, PICa 5, each method's maximum).")] = None,
+    question_tokens: Annotated[int | None, typer.Option(help="Img2LLM: forced tokens per synthetic question of the QG model (default 10).")] = None,
+    filter_pass_share: Annotated[float | None, typer.Option(help="Img2LLM: share of caption candidates the in-loop ITM filter passes, fixed (default 0.5: 200 candidates for 100 captions).")] = None,
+    pool_size: Annotated[int | None, typer.Option(help="PICa: questions in the synthetic training pool of example selection (default 64; its embeddings count as model load).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     roofline: Annotated[bool, typer.Option("--roofline", help="Then run the questions again, untimed, counting each stage's FLOPs and operand bytes, and report them against the device's peaks.")] = False,
     peak_tflops: Annotated[float | None, typer.Option(help="With --roofline: the device's peak TFLOP/s in this dtype (default: measured with a large matrix product).")] = None,
     peak_bandwidth_gbs: Annotated[float | None, typer.Option(help="With --roofline: the device's peak memory bandwidth in GB/s (default: measured with a large copy).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result JSON here.")] = None,
 ) -> None:
-    """Measure each stage of PNP-VQA on synthetic images with forced generation lengths. Random weights
-    measure cost only, never accuracy."""
+    """Measure each stage of PNP-VQA, Img2LLM or PICa on synthetic images with forced generation lengths.
+    Random weights measure cost only, never accuracy."""
     from rich.markup import escape
     from rich.table import Table
 
-    from capvqa.bench.run import check_bench_counts, resolve_bench_config, run_benchmark
+    from capvqa.bench.run import check_bench_counts, method_settings, resolve_bench_config, run_benchmark
     from capvqa.cli.progress import stage_progress
     from capvqa.errors import ConfigError
 
@@ -48,9 +51,10 @@ def bench(
         raise ConfigError(f"--models {models!r}: only 'tiny' is measured (or --random-weights for real sizes)")
     resolve_bench_config(pipeline, size)
     check_bench_counts(questions=questions, questions_per_image=questions_per_image, batch_size=batch_size,
-                       num_captions=num_captions,
-                       num_patches=num_patches, caption_tokens=caption_tokens, answer_tokens=answer_tokens,
                        threads=threads)
+    method_settings(pipeline, num_captions=num_captions, num_patches=num_patches, caption_tokens=caption_tokens,
+                    answer_tokens=answer_tokens, question_tokens=question_tokens,
+                    filter_pass_share=filter_pass_share, pool_size=pool_size)
     if (peak_tflops is not None or peak_bandwidth_gbs is not None) and not roofline:
         raise ConfigError("--peak-tflops and --peak-bandwidth-gbs are used by --roofline; add --roofline")
     if json_out is not None:
@@ -63,11 +67,13 @@ def bench(
             pipeline, size=size, models="random" if random_weights else models, questions=questions,
             questions_per_image=questions_per_image,
             batch_size=batch_size, device=device, dtype=dtype, num_captions=num_captions, num_patches=num_patches,
-            caption_tokens=caption_tokens, answer_tokens=answer_tokens, threads=threads, roofline=roofline,
+            caption_tokens=caption_tokens, answer_tokens=answer_tokens, question_tokens=question_tokens,
+            filter_pass_share=filter_pass_share, pool_size=pool_size, threads=threads, roofline=roofline,
             peak_tflops=peak_tflops, peak_bandwidth_gbs=peak_bandwidth_gbs, progress=progress,
             keep_freed_host_memory=True,  # as capvqa run does, so the figures match a real run's
         )
-    table = Table(title=f"{result['settings']['pipeline']} on {escape(result['device'])}, {result['settings']['dtype']}, "
+    table = Table(title=f"{result['settings']['pipeline']} ({result['settings']['sized_model']}) on "
+                        f"{escape(result['device'])}, {result['settings']['dtype']}, "
                         f"{questions} questions ({questions_per_image} per image), batch {batch_size}")
     for column in ("stage", "s / question", "tokens / s", "peak memory", "model load s"):
         table.add_column(column, justify="left" if column == "stage" else "right")
@@ -84,6 +90,8 @@ def bench(
             print_warning("the counting pass drew other captions than the timed run (nondeterministic "
                           "kernels): its work figures are close to the timed run's, not equal")
     print_warning(result["note"])
+    if "llm_note" in result:
+        print_text(result["llm_note"])
     if json_out is not None:
         write_output_file(json_out, json.dumps(result, indent=2), "--json")
         print_text(f"written to {json_out}")
