@@ -79,7 +79,7 @@ def test_export_of_one_stage(tmp_path):
 def test_merge_is_a_union_of_several_caches_and_cache_directories(tmp_path):
     """Two nodes' caches (overlapping in the items both finished) merged into a third, by directory and
     by database file."""
-    node0 = _cache(tmp_path / "node0", {"matching": range(0, 60)})
+    _cache(tmp_path / "node0", {"matching": range(0, 60)})
     node1 = _cache(tmp_path / "node1", {"matching": range(40, 100)})
     target = _cache(tmp_path / "main", {"matching": range(90, 110)})
     report = merge_caches(target, [tmp_path / "node0", node1.path])
