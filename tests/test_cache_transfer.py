@@ -65,6 +65,14 @@ def test_export_then_merge_into_an_empty_cache_copies_every_entry_byte_for_byte(
     assert (again.added, again.identical) == (0, 340)
 
 
+def test_paths_with_uri_characters(tmp_path):
+    """'#', '?' and '%' in a cache's path are file-name characters, not URI syntax."""
+    source = _cache(tmp_path / "run #1?%20", {"matching": range(0, 3)})
+    export_cache(source, tmp_path / "out #2.db")
+    report = merge_caches(CacheStore(tmp_path / "b"), [tmp_path / "run #1?%20", tmp_path / "out #2.db"])
+    assert (report.added, report.identical) == (3, 3)
+
+
 def test_export_of_one_stage(tmp_path):
     source = _cache(tmp_path / "a", {"matching": range(0, 5), "captioning": range(5, 8)})
     report = export_cache(source, tmp_path / "cap.db", stage="captioning")

@@ -79,6 +79,7 @@ def test_exchanges_in_many_rounds_give_every_rank_what_it_lacks(tmp_path, monkey
     import test_neighbour_inputs as neighbours
 
     from capvqa.engine import result_exchange
+    from capvqa.engine.distributed import Shard
     from capvqa.engine.pipeline import Pipeline
     from capvqa.engine.registry import register_stage, unregister_stage
     from capvqa.engine.runner import PipelineRunner
@@ -100,10 +101,14 @@ def test_exchanges_in_many_rounds_give_every_rank_what_it_lacks(tmp_path, monkey
                               make_runtime("cpu")) for rank in range(3)]
     errors: list[BaseException] = []
     answers: dict[int, str] = {}
+    again: dict[int, int] = {}
 
     def rank_main(rank: int) -> None:
         try:
             Pipeline._run_stages(runners[rank], data, group.member(rank))
+            # a second exchange moves no entry: rank 0 asks only for what it lacks
+            again[rank] = result_exchange.send_results_to_main(runners[rank], Shard(data, rank, 3),
+                                                               group.member(rank)).sent_entries
             if rank == 0:  # SQLite connections stay in the thread that opened them
                 answers.update({item.question_id: outputs["next"].answer
                                 for item, outputs in runners[0].results(data)})
@@ -124,6 +129,7 @@ def test_exchanges_in_many_rounds_give_every_rank_what_it_lacks(tmp_path, monkey
             unregister_stage(name)
     assert not errors, errors
     assert answers == neighbours.expected(ids)
+    assert again == {0: 0, 1: 0, 2: 0}
     usage = {u.stage: u.entries for u in CacheStore(tmp_path / "c0").usage()}
     assert usage == {"test_neighbour_tag": 26, "test_neighbour_next": 26}
     # ranks 1 and 2 computed their own shares and fetched only the neighbours' tags they lacked

@@ -219,7 +219,8 @@ def _resolve_source(path: Path) -> Path:
 
 def _open_read_only(path: Path) -> sqlite3.Connection:
     try:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        # as_uri() percent-encodes the path: '#', '?' and '%' in a file name are not URI syntax
+        return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error as error:
         raise UserError(f"cannot open {path}: {error}") from None
 

@@ -7,23 +7,23 @@ capvqa never needs one). Results move at two points, both collectives every rank
 - :func:`fetch_neighbour_inputs`, before a stage that reads the next item's results (Img2LLM's prompt):
   the next item usually belongs to another rank, so each rank asks for the neighbour inputs its cache
   lacks and the ranks holding them send them (pull: only missing entries travel).
-- :func:`send_results_to_main`, after the last stage: every rank whose cache is not rank 0's sends its
-  shard's entries of every stage, with the items' image hashes, to rank 0 (push, in rounds of
-  :data:`ROUND_ITEMS` items so memory stays flat). Rank 0 stores them in its own cache -- so a rerun on
-  node 0 alone finds every result -- and keys the other nodes' items by the hashes they sent instead of
-  reading their images again; then it evaluates and writes the run folder as in a one-process run.
+- :func:`send_results_to_main`, after the last stage: every other rank sends the keys of its shard's
+  results with the items' image hashes, and rank 0 asks for the entries its cache lacks (in rounds of
+  about :data:`ROUND_ITEMS` items so memory stays flat; ranks sharing rank 0's cache, or a rerun after a
+  complete run, send no entries). Rank 0 stores them in its own cache -- so a rerun on node 0 alone finds
+  every result -- and keys the other nodes' items by the hashes they sent instead of reading their
+  images again (a pipeline with a stage that reads the next item's results has hashed every item on
+  every rank already, to map the neighbours); then it evaluates and writes the run folder as in a
+  one-process run.
 
-Ranks that share rank 0's cache (same host, same database path) send nothing. Entries are content-keyed,
-so an entry already present is kept (``INSERT OR IGNORE``). Every node must hold the same data: rank 0
-trusts the image hashes the others computed for the items they ran.
+Entries are content-keyed, so an entry already present is kept (``INSERT OR IGNORE``). Every node must
+hold the same data: rank 0 trusts the image hashes the others computed for the items they ran.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -54,28 +54,35 @@ class TransferStats:
     rounds: int = 0
 
 
-def cache_identity(runner: PipelineRunner) -> tuple[str, str]:
-    """(host, resolved database path): ranks with equal identities share one cache."""
-    return socket.gethostname(), os.path.realpath(runner.store.path)
-
-
 def send_results_to_main(
     runner: PipelineRunner, shard: Iterable[VQAItem], distributed: DistributedContext
 ) -> TransferStats:
-    """Collective: rank 0's cache receives every stage's results of the other ranks' items (see the
-    module docstring). Call after every stage has run and the skipped items are merged."""
-    identities = distributed.gather(cache_identity(runner))
-    sends = not distributed.is_main and identities[distributed.rank] != identities[0]
-    counts = distributed.gather(len(shard) if sends else 0)  # type: ignore[arg-type]
+    """Collective: rank 0's cache receives every stage's results of the other ranks' items that it lacks
+    (see the module docstring). Call after every stage has run and the skipped items are merged.
+
+    Each round, every other rank sends the keys of a window of its items with their image hashes; rank 0
+    answers with the keys its cache lacks (none when the ranks share its cache, or when an earlier run
+    already brought them) and receives just those entries. No rank has to know whether its cache is rank
+    0's: rank 0 asks for what it does not have."""
+    counts = distributed.gather(0 if distributed.is_main else len(shard))  # type: ignore[arg-type]
     per_sender = max(MIN_ROUND_ITEMS, ROUND_ITEMS // max(1, sum(1 for count in counts if count)))
     rounds = math.ceil(max(counts) / per_sender) if counts else 0
-    own_windows = windows(shard, per_sender) if sends else iter(())
+    own_windows = windows(shard, per_sender) if not distributed.is_main else iter(())
     sent = received = 0
     for _ in range(rounds):
-        payload = _result_payload(runner, next(own_windows, []))
-        sent += len(payload[1])
-        for hashes, entries in distributed.gather_to_main(payload) or ():
-            runner.hasher.seed(hashes)
+        hashes, names = _window_keys(runner, next(own_windows, []))
+        offered = distributed.gather_to_main((hashes, sorted(names)))
+        lacking: list[list[str]] | None = None
+        if offered is not None:
+            for rank_hashes, _ in offered:
+                runner.hasher.seed(rank_hashes)
+            present = runner.store.existing_keys([key for _, keys in offered for key in keys])
+            lacking = [[key for key in keys if key not in present] for _, keys in offered]
+        wanted = distributed.gather(lacking)[0][distributed.rank]  # rank 0's answer, to every rank
+        found = runner.store.get_many(wanted) if wanted and not distributed.is_main else {}
+        sent += len(found)
+        payload = [(names[key], key, header, arrays) for key, (header, arrays) in found.items()]
+        for entries in distributed.gather_to_main(payload) or ():
             received += _store_entries(runner, entries)
     if rounds:
         log.info("rank %d: results exchange with rank 0 in %d rounds (sent %d, received %d entries)",
@@ -118,17 +125,13 @@ def fetch_neighbour_inputs(
     return TransferStats(sent_entries=sent, received_entries=received, rounds=rounds)
 
 
-def _result_payload(
-    runner: PipelineRunner, window: list[VQAItem]
-) -> tuple[dict[str, str], list[tuple[str, str, bytes, bytes | None]]]:
-    """({question id: image hash}, [(stage NAME, key, header, arrays)]) of the window's items that were
-    not skipped."""
+def _window_keys(runner: PipelineRunner, window: list[VQAItem]) -> tuple[dict[str, str], dict[str, str]]:
+    """({question id: image hash}, {key: stage NAME}) of every stage's results of the window's items
+    that were not skipped."""
     keyed = runner.keyed_window(window)
     hashes = {str(k.item.question_id): k.image_hash for k in keyed}
     names = {bound.name: bound.stage.NAME for bound in runner.stages}
-    wanted = {k.keys[stage]: names[stage] for k in keyed for stage in names if stage in k.keys}
-    found = runner.store.get_many(list(wanted))
-    return hashes, [(wanted[key], key, header, arrays) for key, (header, arrays) in found.items()]
+    return hashes, {k.keys[stage]: names[stage] for k in keyed for stage in names if stage in k.keys}
 
 
 def _store_entries(runner: PipelineRunner, entries: list[tuple[str, str, bytes, bytes | None]]) -> int:
