@@ -63,6 +63,18 @@ def import_vllm() -> Any:
     return vllm
 
 
+def start_engine(ref: ModelRef, runtime: Runtime, role: str, **engine_args: Any) -> Any:
+    """``vllm.LLM`` on ``ref`` in the run's dtype, on CUDA only; a load failure as a ModelLoadError.
+    ``role`` ("llm" or "vlm") names the stage setting in the error."""
+    vllm = import_vllm()
+    if runtime.device.type != "cuda":
+        raise ConfigError(f"{role} backend 'vllm' runs on CUDA GPUs; this run's device is {runtime.device}")
+    try:
+        return vllm.LLM(model=ref.id, revision=ref.revision, dtype=runtime.dtype_name, **engine_args)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"vLLM could not load {ref.id!r}: {error}") from error
+
+
 class VLLMBackend:
     """A frozen causal LM served in-process by vLLM (see the module docstring)."""
 
@@ -88,21 +100,8 @@ class VLLMBackend:
     ) -> VLLMBackend:
         """Start vLLM on ``ref`` (hub id or folder) in the run's dtype; ``context_length`` caps vLLM's
         ``max_model_len`` (default: the model's own)."""
-        vllm = import_vllm()
-        if runtime.device.type != "cuda":
-            raise ConfigError(f"llm backend 'vllm' runs on CUDA GPUs; this run's device is {runtime.device}")
-        try:
-            llm = vllm.LLM(
-                model=ref.id,
-                revision=ref.revision,
-                dtype=runtime.dtype_name,
-                tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=context_length,
-                seed=seed,
-            )
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"vLLM could not load {ref.id!r}: {error}") from error
+        llm = start_engine(ref, runtime, "llm", tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=context_length, seed=seed)
         resolved = context_length or int(llm.llm_engine.model_config.max_model_len)
         return cls(llm, context_length=resolved, name=f"vllm:{ref.id}")
 
@@ -205,11 +204,11 @@ class VLLMVisionBackend:
     ) -> VLLMVisionBackend:
         """Start vLLM on ``ref`` (hub id or folder) in the run's dtype, one image per prompt; the model's
         ``AutoProcessor`` and config are read first (no weights), for its chat template and family."""
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        from capvqa.models.loading import load_processor
+        from capvqa.models.vlm import load_vision_processor
 
-        vllm = import_vllm()
+        import_vllm()
         if runtime.device.type != "cuda":
             raise ConfigError(f"vlm backend 'vllm' runs on CUDA GPUs; this run's device is {runtime.device}")
         remote = {"trust_remote_code": True} if trust_remote_code else {}
@@ -217,21 +216,10 @@ class VLLMVisionBackend:
             config = AutoConfig.from_pretrained(ref.id, **ref.pretrained_kwargs(), **remote)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not read the config of the VLM {ref.id!r}: {error}") from error
-        processor = load_processor(AutoProcessor, ref, **remote)
-        try:
-            llm = vllm.LLM(
-                model=ref.id,
-                revision=ref.revision,
-                dtype=runtime.dtype_name,
-                tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                seed=seed,
-                limit_mm_per_prompt={"image": 1},
-                trust_remote_code=trust_remote_code,
-            )
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"vLLM could not load {ref.id!r}: {error}") from error
+        processor = load_vision_processor(ref, **remote)
+        llm = start_engine(ref, runtime, "vlm", tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                           limit_mm_per_prompt={"image": 1}, trust_remote_code=trust_remote_code)
         text_config = config.get_text_config()
         return cls(llm, processor, model_type=str(getattr(config, "model_type", "")),
                    decoder_only=not bool(getattr(text_config, "is_encoder_decoder", False)),

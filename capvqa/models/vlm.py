@@ -136,19 +136,28 @@ class VisionLanguageModel:
 def load_vision_language_model(
     ref: ModelRef, runtime: Runtime, *, device_map: str | None = None, trust_remote_code: bool = False
 ) -> VisionLanguageModel:
-    """``AutoModelForImageTextToText`` + ``AutoProcessor`` from a hub id or folder, in the run's dtype."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """``AutoModelForImageTextToText`` + its processor (:func:`load_vision_processor`) from a hub id or
+    folder, in the run's dtype."""
+    from transformers import AutoModelForImageTextToText
 
     extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
-    try:
-        processor = load_processor(AutoProcessor, ref, **extra)
-    except ImportError as error:
-        processor = _image_only_processor(ref, error, **extra)
+    processor = load_vision_processor(ref, **extra)
     if device_map:
         extra["device_map"] = device_map
     model = load_model(AutoModelForImageTextToText, ref, device=runtime.device, dtype=runtime.dtype, **extra)
     device = next(model.parameters()).device
     return VisionLanguageModel(model, processor, device, name=f"hf:{ref.id}")
+
+
+def load_vision_processor(ref: ModelRef, **extra: Any) -> Any:
+    """The checkpoint's ``AutoProcessor``; for Qwen2-VL without torchvision, its image-only processor
+    (every backend that renders prompts or encodes images locally loads it this way)."""
+    from transformers import AutoProcessor
+
+    try:
+        return load_processor(AutoProcessor, ref, **extra)
+    except ImportError as error:
+        return _image_only_processor(ref, error, **extra)
 
 
 def _image_only_processor(ref: ModelRef, error: ImportError, **extra: Any) -> Any:
