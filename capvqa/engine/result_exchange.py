@@ -113,11 +113,7 @@ def fetch_neighbour_inputs(
         sent += len(held)
         offers = distributed.gather([(key, header, arrays) for key, (header, arrays) in held.items()])
         mine = {key: (header, arrays) for offer in offers for key, header, arrays in offer if key in wanted}
-        by_stage: dict[str, list[tuple[str, bytes, bytes | None]]] = {}
-        for key, (header, arrays) in mine.items():
-            by_stage.setdefault(needed[key], []).append((key, header, arrays))
-        for name, entries in by_stage.items():
-            received += runner.store.put_many(name, entries)
+        received += _store_entries(runner, [(needed[key], key, *value) for key, value in mine.items()])
         wanted -= set(mine)
     if missing:
         log.info("rank %d: %d neighbour inputs of %s fetched from other ranks (%d still missing)",
