@@ -13,10 +13,11 @@ import socket
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
+from loopback_server import serving
 from test_llm_answer import entry
 
 from capvqa.engine.codec import record_to_json
@@ -192,20 +193,8 @@ def local_lm(tiny_zoo, cpu_runtime):
 @pytest.fixture(scope="module")
 def server(local_lm):
     app = CompletionsApp(local_lm.model, local_lm.tokenizer)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(app))
-    # handler threads are joined at server_close: one still answering a request its client gave up on
-    # (the timeout tests) must not run the model while the interpreter exits (an abort, status 134)
-    httpd.daemon_threads = False
-    httpd.block_on_close = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    app.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    try:
+    with serving(make_handler(app)) as app.base_url:
         yield app
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

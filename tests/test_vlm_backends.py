@@ -22,12 +22,13 @@ import threading
 import types
 from collections import deque
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from loopback_server import serving
 from PIL import Image
 from test_vlm_answer import FAMILIES, QUESTIONS, _inputs
 
@@ -339,18 +340,8 @@ def chat_server(tiny_zoo, cpu_runtime):
 
     models = {role: load_vision_language_model(ModelRef(str(tiny_zoo[role])), cpu_runtime) for role in FAMILIES}
     app = ChatApp(models)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(app))
-    httpd.daemon_threads = False
-    httpd.block_on_close = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    app.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    try:
+    with serving(make_handler(app)) as app.base_url:
         yield app
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
