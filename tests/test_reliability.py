@@ -229,9 +229,15 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_zoo):
         stage_keys = seen.setdefault(entry["stage"], set())
         assert not stage_keys & set(entry["keys"]), "a committed item was recomputed"
         stage_keys.update(entry["keys"])
-    assert {stage: len(keys) for stage, keys in seen.items()} == {"matching": 37, "captioning": 37, "reader": 37}
+    assert set(seen) == {"matching", "captioning", "reader"}
     connection = sqlite3.connect(cache / "capvqa-cache.sqlite3")
     assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 3 * 37
+    stored = {key for (key,) in connection.execute("SELECT key FROM entries")}
     connection.close()
+    assert len(stored) == 3 * 37
+    logged = set().union(*seen.values())
+    assert logged <= stored
+    # The commit log line is written just after the store's commit, so a kill landing between the two
+    # leaves one committed batch unlogged (never a logged batch uncommitted): at most one batch per kill.
+    assert len(stored - logged) <= 2 * kills
     shutil.rmtree(tmp_path / "killed", ignore_errors=True)
