@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from capvqa.bench.work import WorkCounter
 
 PROMPT_TOKENS = 4  # [DEC] a picture of
-# stages that encode each distinct image of a batch once (their images_encoded_per_question is recorded)
-IMAGE_ENCODING_STAGES = ("matching", "captioning", "caption_filter", "caption", "examples", "tags")
 QUESTIONS = [
     "what is the man on the left holding in his hand?",
     "how many people are standing near the red bus?",
@@ -329,8 +327,8 @@ def run_benchmark(
                 "model_load_seconds": round(stats.setup_seconds, 4),
                 "peak_memory_bytes": int(peak.bytes),
             }
-            if bound.name in IMAGE_ENCODING_STAGES:  # each encodes every distinct image of a batch once
-                stages[bound.name]["images_encoded_per_question"] = round(stats.batch_images / questions, 4)
+            if stats.images_encoded is not None:  # stages that encode images say how many they encoded
+                stages[bound.name]["images_encoded_per_question"] = round(stats.images_encoded / questions, 4)
         wall = time.perf_counter() - started
         records = [outputs for _, outputs in runner.results(data)]
         work, counted_records = (count_work(runner, data, scratch_dir / "counting-cache", progress) if roofline

@@ -17,7 +17,7 @@ def bench(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Real architectures and vocabulary sizes with random weights (no download).")] = False,
     models: Annotated[str | None, typer.Option(help="tiny: the tiny zoo instead (a quick check of the command).")] = None,
     questions: Annotated[int, typer.Option(help="Synthetic questions.")] = 4,
-    questions_per_image: Annotated[int, typer.Option(help="Consecutive questions per synthetic image (VQAv2 has about 5.4): the stages encode an image once for all its questions of a batch.")] = 1,
+    questions_per_image: Annotated[int, typer.Option(help="Consecutive questions per synthetic image (VQAv2 has about 5.4): the stages encode each image once for all its questions.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Batch size of every stage.")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | mps (default: best available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16.")] = None,

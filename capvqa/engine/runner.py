@@ -141,8 +141,11 @@ class StageStats:
     wall_seconds: float = 0.0
     oom_splits: int = 0
     # distinct images among each computed batch's items, summed over batches: how many images a stage
-    # that encodes each distinct image of a batch once (matching, captioning) encoded
+    # would encode if it encoded each distinct image of a batch once
     batch_images: int = 0
+    # how many images the stage did encode (its optional ``images_encoded``; fewer than batch_images when it
+    # keeps recent images' encodings across batches, capvqa/data/image_memo.py); None when it does not say
+    images_encoded: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         per_item = self.compute_seconds / self.computed if self.computed else None
@@ -157,6 +160,7 @@ class StageStats:
             "wall_seconds": round(self.wall_seconds, 4),
             "oom_splits": self.oom_splits,
             "batch_images": self.batch_images,
+            "images_encoded": self.images_encoded,
             "seconds_per_computed_item": round(per_item, 6) if per_item is not None else None,
             "computed_items_per_second": round(self.computed / self.compute_seconds, 4)
             if self.compute_seconds > 0
@@ -178,6 +182,8 @@ def merge_rank_stats(per_rank: list[list[StageStats]]) -> list[StageStats]:
             wall_seconds=max(s.wall_seconds for s in stage_stats),
             oom_splits=sum(s.oom_splits for s in stage_stats),
             batch_images=sum(s.batch_images for s in stage_stats),
+            images_encoded=None if any(s.images_encoded is None for s in stage_stats)
+            else sum(s.images_encoded for s in stage_stats),
         ))
     return merged
 
@@ -521,7 +527,10 @@ class PipelineRunner:
         finally:
             bar.close()
             if ready:
+                stats.images_encoded = getattr(stage, "images_encoded", None)
                 stage.cleanup()
+            elif hasattr(stage, "images_encoded"):
+                stats.images_encoded = 0  # everything was cached
         stats.wall_seconds = time.perf_counter() - started
         log.info("%s: %d items (%d computed, %d cached) in %.1fs", bound.name, stats.items, stats.computed,
                  stats.cached, stats.wall_seconds)

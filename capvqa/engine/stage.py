@@ -88,6 +88,9 @@ class Stage(Protocol):
 
     - ``cost(input) -> int``: the engine then runs the longest items first, so padding is small and an
       out-of-memory error shows at once;
+    - ``images_encoded -> int``: how many images the stage encoded since ``setup`` (a stage keeping recent
+      images' encodings, :mod:`capvqa.data.image_memo`, encodes fewer than its batches hold); the engine
+      reports it in the stage's statistics;
     - ``model_fingerprints(cache_dir=None) -> dict[str, str]``: what identifies the stage's models (and any other
       dataset-level state it reads) in the cache key, when ``MODEL_FIELDS`` alone does not say it;
     - classmethod ``resolve_params(params, dataset: DatasetContext) -> params``: settings that depend on

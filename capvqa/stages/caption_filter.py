@@ -4,7 +4,7 @@ Question-guided captions sampled from a few patches are often wrong about the wh
 keeps a caption only when BLIP's ITM head, reading the whole image through the ITM model's own ViT, gives
 it a match probability (softmax over the head's two logits) of at least ``threshold`` (0.5). Every
 (image, caption) pair of a batch is scored in a few text-encoder calls; each distinct image is encoded
-once. It runs after PNP-VQA's captioning, without refilling (``pipelines/img2llm-whole-image-filter.yaml``);
+once per run (:mod:`capvqa.data.image_memo`). It runs after PNP-VQA's captioning, without refilling (``pipelines/img2llm-whole-image-filter.yaml``);
 Img2LLM's default, as its authors ran it, filters inside the caption loop instead
 (:mod:`capvqa.stages.filtered_patch_captioning`).
 """
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo, memo_encoded_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.models.blip_itm import load_blip_itm
@@ -66,9 +66,11 @@ class CaptionFilter:
     def __init__(self, config: CaptionFilterConfig | None = None, **overrides: Any) -> None:
         self.config = config or CaptionFilterConfig(**overrides)
         self.itm: Any = None
+        self.image_embeddings: ImageMemo[torch.Tensor] = ImageMemo()
 
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.image_embeddings = ImageMemo()
         self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id,
                                  self.config.checkpoint)
 
@@ -76,14 +78,14 @@ class CaptionFilter:
         return len(entry.upstream["captions"].captions)
 
     def run(self, batch: Sequence[StageInput]) -> list[FilteredCaptions]:
-        images, image_index = distinct_images(batch)
+        image_embeds, image_index = memo_encoded_images(self.image_embeddings, batch, self.itm.encode_images)
         pair_image: list[int] = []
         pair_text: list[str] = []
         for entry, image in zip(batch, image_index):
             for caption in entry.upstream["captions"].captions:
                 pair_image.append(image)
                 pair_text.append(clean_caption(caption))
-        probabilities = self.match_probabilities(images, pair_image, pair_text) if pair_text else []
+        probabilities = self.match_probabilities(image_embeds, pair_image, pair_text) if pair_text else []
         results, start = [], 0
         for entry in batch:
             captions = list(entry.upstream["captions"].captions)
@@ -96,10 +98,15 @@ class CaptionFilter:
             )
         return results
 
-    def match_probabilities(self, images: list, pair_image: list[int], pair_text: list[str]) -> list[float]:
-        """P(match) of each (image index, text) pair."""
+    @property
+    def images_encoded(self) -> int:
+        return self.image_embeddings.computed
+
+    def match_probabilities(
+        self, image_embeds: torch.Tensor, pair_image: list[int], pair_text: list[str]
+    ) -> list[float]:
+        """P(match) of each (image index, text) pair, given the ITM ViT's embeddings of the images."""
         device = self.runtime.device
-        image_embeds = self.itm.encode_images(images)
         out: list[float] = []
         step = self.config.max_pairs_per_forward
         for start in range(0, len(pair_text), step):
@@ -113,5 +120,6 @@ class CaptionFilter:
 
     def cleanup(self) -> None:
         self.itm = None
+        self.image_embeddings.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

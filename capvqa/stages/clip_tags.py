@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError, DataError
@@ -127,9 +127,11 @@ class ClipTags:
     def __init__(self, config: ClipTagsConfig | None = None, **overrides: Any) -> None:
         self.config = config or ClipTagsConfig(**overrides)
         self._encoder: ClipEncoder | None = None
+        self.tags_by_image: ImageMemo[ImageTags] = ImageMemo()
 
     def setup(self, runtime: Runtime) -> None:
         cfg = self.config
+        self.tags_by_image = ImageMemo()
         self.vocabulary = load_tag_vocabulary(cfg.vocabulary)
         self._encoder = ClipEncoder.load(ModelRef(cfg.model, cfg.revision), runtime)
         prompts = [cfg.template.format(name) for name in self.vocabulary]
@@ -143,17 +145,26 @@ class ClipTags:
         )
 
     def run(self, batch: Sequence[StageInput]) -> list[ImageTags]:
+        per_image, image_index = self.tags_by_image.values(batch, self.tag_images)
+        return [ImageTags(tags=list(per_image[i].tags), scores=list(per_image[i].scores)) for i in image_index]
+
+    @property
+    def images_encoded(self) -> int:
+        return self.tags_by_image.computed
+
+    def tag_images(self, images: list) -> list[ImageTags]:
+        """The tags of each decoded image, in order."""
         cfg, encoder = self.config, self._encoder
         assert encoder is not None
-        images, image_index = distinct_images(batch)
         image_features = encoder.encode_images(images, cfg.batch_size)
         logits = encoder.logit_scale * image_features @ self._vocabulary_features.T
         probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
-        per_image = [select_tags(p, self.vocabulary, cfg.top_k, cfg.threshold) for p in probabilities]
-        return [ImageTags(tags=list(per_image[i][0]), scores=list(per_image[i][1])) for i in image_index]
+        chosen = [select_tags(p, self.vocabulary, cfg.top_k, cfg.threshold) for p in probabilities]
+        return [ImageTags(tags=tags, scores=scores) for tags, scores in chosen]
 
     def cleanup(self) -> None:
         self._encoder = None
         self._vocabulary_features = None
+        self.tags_by_image.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

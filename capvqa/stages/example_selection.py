@@ -64,7 +64,7 @@ from capvqa.data.example_pool import (
     memoised_pool_fingerprint,
     read_pool_entries,
 )
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo, memo_encoded_images
 from capvqa.data.official import normalize_id
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import DatasetContext, StageInput, non_semantic
@@ -253,6 +253,7 @@ class ExampleSelection:
         self.config = config or ExampleSelectionConfig(**overrides)
         self._encoder: ClipEncoder | None = None
         self.report: PoolReport | None = None
+        self.query_image_features: ImageMemo[torch.Tensor] = ImageMemo()
 
     @classmethod
     def resolve_params(cls, params: Mapping[str, Any], dataset: DatasetContext) -> dict[str, Any]:
@@ -368,6 +369,7 @@ class ExampleSelection:
 
         cfg = self.config
         self.runtime = runtime
+        self.query_image_features = ImageMemo()
         cache_dir = Path(runtime.cache_dir) if runtime.cache_dir is not None else default_cache_dir()
         _, self.pool_split, _ = self._pool_location()
         store = CacheStore(cache_dir)
@@ -511,6 +513,11 @@ class ExampleSelection:
             for rows in ranked
         ]
 
+    @property
+    def images_encoded(self) -> int:
+        """Query images encoded by CLIP (``question+image`` mode; the pool's are encoded in setup)."""
+        return self.query_image_features.computed
+
     def _random_ranks(self, entry: StageInput, excluded: list[int]) -> list[tuple[int, None]]:
         """Uniform draws from a generator seeded by (seed, item): independent of batch and order."""
         rng = item_rng(self.config.seed, entry.item_key, "pica-examples")
@@ -526,8 +533,8 @@ class ExampleSelection:
         query_text = encoder.encode_texts([entry.item.question for entry in batch], cfg.batch_size)
         query_image = None
         if cfg.mode == "question+image":
-            images, image_index = distinct_images(batch)
-            image_features = encoder.encode_images(images, cfg.batch_size)
+            image_features, image_index = memo_encoded_images(
+                self.query_image_features, batch, lambda images: encoder.encode_images(images, cfg.batch_size))
             query_image = image_features[torch.as_tensor(image_index, device=image_features.device)]
         scores = similarity_scores(
             query_text,
@@ -555,5 +562,6 @@ class ExampleSelection:
     def cleanup(self) -> None:
         self._encoder = None
         self._pool_text = self._pool_image = None
+        self.query_image_features.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo, memo_encoded_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
@@ -109,10 +109,12 @@ class FilteredPatchCaptioning:
         self.config = config or FilteredPatchCaptioningConfig(**overrides)
         self._captioner: BlipCaptioner | None = None
         self._itm: BlipItm | None = None
+        self.image_embeddings: ImageMemo[torch.Tensor] = ImageMemo()
 
     def setup(self, runtime: Runtime) -> None:
         cfg = self.config
         self.runtime = runtime
+        self.image_embeddings = ImageMemo()
         self._captioner = load_blip_captioner(cfg.model, cfg.revision, runtime, cfg.prompt, cfg.checkpoint)
         self._itm = load_blip_itm(cfg.itm_model, cfg.itm_revision, runtime, cfg.enc_token_id, cfg.itm_checkpoint)
         check_itm_reads_captioner(self._itm, self._captioner, cfg)
@@ -123,11 +125,14 @@ class FilteredPatchCaptioning:
     def cost(self, entry: StageInput) -> int:
         return len(entry.item.question)
 
+    @property
+    def images_encoded(self) -> int:
+        return self.image_embeddings.computed
+
     def run(self, batch: Sequence[StageInput]) -> list[FilteredPatchCaptions]:
         cfg = self.config
-        images, image_index = distinct_images(batch)
         relevance = batch_relevance(batch, self._captioner)
-        image_embeds = self._captioner.encode_images(images)
+        image_embeds, image_index = memo_encoded_images(self.image_embeddings, batch, self._captioner.encode_images)
 
         rngs = patch_rngs(batch, cfg.seed)
         n = len(batch)
@@ -168,6 +173,7 @@ class FilteredPatchCaptioning:
     def cleanup(self) -> None:
         self._captioner = None
         self._itm = None
+        self.image_embeddings.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

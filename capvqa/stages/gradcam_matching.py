@@ -1,7 +1,7 @@
 """Question-image patch matching: GradCAM relevance on BLIP's ITM head (docs/methods.md#matching-gradcam).
 
-Cost structure: the ViT runs once per distinct image without gradient; only the text encoder runs with
-autograd, and only the gradient at one cross-attention map is requested (``torch.autograd.grad``), so
+Cost structure: the ViT runs once per distinct image without gradient (once per run, not per batch:
+:mod:`capvqa.data.image_memo`); only the text encoder runs with autograd, and only the gradient at one cross-attention map is requested (``torch.autograd.grad``), so
 backward never touches the vision encoder or any weight gradient -- the relevance is identical to a
 full backward pass at a fraction of the cost.
 """
@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo, memo_encoded_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.models.blip_itm import load_blip_itm
@@ -59,9 +59,11 @@ class GradCamMatching:
     def __init__(self, config: GradCamMatchingConfig | None = None, **overrides: Any) -> None:
         self.config = config or GradCamMatchingConfig(**overrides)
         self.itm: Any = None
+        self.image_embeddings: ImageMemo[torch.Tensor] = ImageMemo()
 
     def setup(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.image_embeddings = ImageMemo()
         self.itm = load_blip_itm(self.config.model, self.config.revision, runtime, self.config.enc_token_id,
                                  self.config.checkpoint)
         text_config = self._model.config.text_config
@@ -90,22 +92,26 @@ class GradCamMatching:
         return len(entry.item.question)
 
     def run(self, batch: Sequence[StageInput]) -> list[PatchRelevance]:
-        images, image_index = distinct_images(batch)
+        unique_embeds, image_index = memo_encoded_images(self.image_embeddings, batch, self.itm.encode_images)
         texts = [matching_text(entry.item.question, self.config.max_question_words) for entry in batch]
-        relevance, logits = self.relevance(images, image_index, texts)
+        relevance, logits = self.relevance(unique_embeds, image_index, texts)
         return [
             PatchRelevance(relevance=relevance[i], grid=list(self.grid), matching_text=texts[i],
                            match_logit=float(logits[i]))
             for i in range(len(batch))
         ]
 
+    @property
+    def images_encoded(self) -> int:
+        return self.image_embeddings.computed
+
     def relevance(
-        self, images: list, image_index: list[int], texts: list[str]
+        self, unique_embeds: torch.Tensor, image_index: list[int], texts: list[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """GradCAM relevance (len(texts), P) and ITM match logits for each (image, text) pair."""
+        """GradCAM relevance (len(texts), P) and ITM match logits for each (image, text) pair, given the
+        ViT embeddings of the distinct images and each text's image index."""
         model, device = self._model, self.runtime.device
         input_ids, text_mask = self.itm.text_inputs(texts, self.config.max_text_tokens)
-        unique_embeds = self.itm.encode_images(images)
         image_embeds = unique_embeds[torch.as_tensor(image_index, device=device)].clone()
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=device)
 
@@ -140,5 +146,6 @@ class GradCamMatching:
 
     def cleanup(self) -> None:
         self.itm = None
+        self.image_embeddings.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -7,8 +7,8 @@ question-guided captions this one sees the whole image and ignores the question.
 
 Decoding follows BLIP's own COCO captioning setting: beam search with 3 beams, ``min_length`` 5 and
 ``max_length`` 20, both counting the prompt tokens (``[DEC] a picture of``) as BLIP's ``generate`` does.
-Beam search is deterministic, so no seed is involved. Each distinct image of a batch is encoded and
-decoded once, and its caption handed to every item that shows it.
+Beam search is deterministic, so no seed is involved. Each distinct image is encoded and decoded once per
+run (:mod:`capvqa.data.image_memo`), and its caption handed to every item that shows it.
 
 A BLIP-2 checkpoint as ``model`` (``pica-blip2``) captions as LAVIS's BLIP-2 captioning evaluation does
 (:mod:`capvqa.models.blip2_captioner`: the prompt goes into the LM after the query tokens; ``max_length``
@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
@@ -85,10 +85,12 @@ class ImageCaptioning:
         self.config = config or ImageCaptioningConfig(**overrides)
         self._captioner: BlipCaptioner | None = None
         self._blip2: Blip2Captioner | None = None
+        self.captions_by_image: ImageMemo[str] = ImageMemo()
 
     def setup(self, runtime: Runtime) -> None:
         cfg = self.config
         self.runtime = runtime
+        self.captions_by_image = ImageMemo()
         ref = ModelRef(cfg.model, cfg.revision)
         if checkpoint_model_type(ref) == BLIP2_MODEL_TYPE:
             self._blip2 = load_blip2_captioner(ref, runtime, cfg.prompt)
@@ -101,9 +103,12 @@ class ImageCaptioning:
                  cfg.model, cfg.num_beams, cfg.min_length, cfg.max_length)
 
     def run(self, batch: Sequence[StageInput]) -> list[ImageCaption]:
-        images, image_index = distinct_images(batch)
-        captions = self.caption_images(images)
+        captions, image_index = self.captions_by_image.values(batch, self.caption_images)
         return [ImageCaption(caption=captions[i]) for i in image_index]
+
+    @property
+    def images_encoded(self) -> int:
+        return self.captions_by_image.computed
 
     def caption_images(self, images: list) -> list[str]:
         """One beam-search caption per PIL image, in order."""
@@ -132,5 +137,6 @@ class ImageCaptioning:
 
     def cleanup(self) -> None:
         self._captioner = self._blip2 = None
+        self.captions_by_image.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

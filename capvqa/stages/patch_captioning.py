@@ -1,6 +1,6 @@
 """Question-guided patch captioning with the BLIP captioner (docs/methods.md#question-guided-captioning).
 
-Each distinct image is encoded once. For every caption draw, ``num_patches`` patch embeddings are
+Each distinct image is encoded once per run (:mod:`capvqa.data.image_memo`). For every caption draw, ``num_patches`` patch embeddings are
 sampled by relevance and fed alone as the decoder's cross-attention memory; all draws of all items in a
 batch decode together in a few ``generate`` calls (KV cache on). Sampling randomness is per item and per
 draw (:mod:`capvqa.ops.seeded_sampling`), so an item's captions do not depend on its batch.
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from capvqa.data.images import distinct_images
+from capvqa.data.image_memo import ImageMemo, memo_encoded_images
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.models.blip_captioner import BlipCaptioner, PatchDecoding, SampledDecoding, load_blip_captioner
@@ -153,10 +153,12 @@ class PatchCaptioning:
     def __init__(self, config: PatchCaptioningConfig | None = None, **overrides: Any) -> None:
         self.config = config or PatchCaptioningConfig(**overrides)
         self._captioner: BlipCaptioner | None = None
+        self.image_embeddings: ImageMemo[torch.Tensor] = ImageMemo()
 
     def setup(self, runtime: Runtime) -> None:
         cfg = self.config
         self.runtime = runtime
+        self.image_embeddings = ImageMemo()
         self._captioner = load_blip_captioner(cfg.model, cfg.revision, runtime, cfg.prompt, cfg.checkpoint)
         log.info("captioning: BLIP %s, %d captions x %d patches per question",
                  cfg.model, cfg.num_captions, cfg.num_patches)
@@ -164,11 +166,14 @@ class PatchCaptioning:
     def cost(self, entry: StageInput) -> int:
         return len(entry.item.question)
 
+    @property
+    def images_encoded(self) -> int:
+        return self.image_embeddings.computed
+
     def run(self, batch: Sequence[StageInput]) -> list[Captions]:
         cfg = self.config
-        images, image_index = distinct_images(batch)
         relevance = batch_relevance(batch, self._captioner)
-        image_embeds = self._captioner.encode_images(images)
+        image_embeds, image_index = memo_encoded_images(self.image_embeddings, batch, self._captioner.encode_images)
 
         rngs = patch_rngs(batch, cfg.seed)
         kept: list[list[str]] = [[] for _ in batch]
@@ -199,5 +204,6 @@ class PatchCaptioning:
 
     def cleanup(self) -> None:
         self._captioner = None
+        self.image_embeddings.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
