@@ -30,6 +30,7 @@ from capvqa.data.image_memo import ImageMemo
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
+from capvqa.models.beam_cache import beam_search_cache
 from capvqa.models.blip2_captioner import (
     BLIP2_MODEL_TYPE,
     Blip2Captioner,
@@ -132,6 +133,8 @@ class ImageCaptioning:
                 repetition_penalty=1.0,
                 eos_token_id=captioner.eos_id,
                 pad_token_id=captioner.pad_id,
+                # beams share their image's cross-attention keys and values: no copy per step
+                **({"cache": beam_search_cache(captioner.model.text_decoder)} if cfg.num_beams > 1 else {}),
             )
         return captioner.texts(output)
 

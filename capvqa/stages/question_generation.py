@@ -23,7 +23,8 @@ captions with a space: what capvqa's default was before it followed the referenc
 Decoding as the reference: beam search with 3 beams, ``max_length`` 30 (decoder tokens, start token
 included), input truncated at 2048 tokens (T5's relative positions allow it). The reference runs 10
 inputs per ``generate``; we run every (item, answer) input of a batch together, sorted by length and
-chunked, which does not change any input's beams (padding is masked).
+chunked, which does not change any input's beams (padding is masked). The beams' cross-attention cache
+is not copied at each step (:mod:`capvqa.models.beam_cache`), which gives the same beams.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from capvqa.engine.runtime import Runtime
 from capvqa.engine.stage import StageInput, non_semantic
 from capvqa.errors import ConfigError
+from capvqa.models.beam_cache import beam_search_cache
 from capvqa.models.loading import ModelRef, load_model, load_processor
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,8 @@ class QuestionGeneration:
                 do_sample=False,
                 num_beams=cfg.num_beams,
                 max_length=cfg.max_length,
+                # beams share their input's cross-attention keys and values: no copy per step
+                **({"cache": beam_search_cache(self._model)} if cfg.num_beams > 1 else {}),
             )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
