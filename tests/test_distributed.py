@@ -41,6 +41,22 @@ def test_records_match_tolerates_float_noise_and_nothing_else():
             assert_records_match([bad], [want])
 
 
+def test_shards_deal_an_images_questions_to_one_rank():
+    """Runs of consecutive questions about one image are dealt round-robin, so each image is encoded by
+    one rank only; the shards partition the items in dataset order."""
+    from capvqa.data.items import ImageRef, VQAItem
+    from capvqa.engine.distributed import Shard
+
+    image_ids = [1, 1, 2, 2, 2, 3, 4, 4, 1]  # image 1 comes back later: a run of its own
+    items = [VQAItem(question_id=i, image_id=image, question="q?", image=ImageRef(data=b""))
+             for i, image in enumerate(image_ids)]
+    shards = [Shard(items, rank, 2) for rank in (0, 1)]
+    assert [[item.question_id for item in shard] for shard in shards] == [[0, 1, 5, 8], [2, 3, 4, 6, 7]]
+    assert [len(shard) for shard in shards] == [4, 5]
+    three = [[item.image_id for item in Shard(items, rank, 3)] for rank in (0, 1, 2)]
+    assert three == [[1, 1, 4, 4], [2, 2, 2, 1], [3]]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, tiny_zoo):
     common = ["run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--limit", "9", "--quiet",

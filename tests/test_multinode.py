@@ -27,7 +27,7 @@ from record_matching import assert_records_match
 
 from capvqa.engine.store import CacheStore
 
-COMMON = ["run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--limit", "6", "--quiet",
+COMMON = ["run", "pnp-vqa", "--dataset", "sample", "--models", "tiny", "--limit", "8", "--quiet",
           "--batch-size", "2", "--set", "captioning.num_captions=3", "--set", "captioning.num_patches=4"]
 
 
@@ -209,9 +209,9 @@ def test_two_nodes_with_their_own_caches_equal_one_process(tmp_path, tiny_zoo):
     assert not (tmp_path / "node1-run").exists()  # only rank 0 writes the run folder
     # each node computed its own half, and rank 0's cache now holds every result: a rerun there alone
     # (the fallback when a multi-node job cannot be launched again) recomputes nothing
-    assert _committed(logs[0]) == _committed(logs[1]) == {"matching": 3, "captioning": 3, "reader": 3}
+    assert _committed(logs[0]) == _committed(logs[1]) == {"matching": 4, "captioning": 4, "reader": 4}
     node0, node1 = (CacheStore(tmp_path / f"node{rank}-cache") for rank in (0, 1))
-    assert sum(u.entries for u in node0.usage()) == 18 and sum(u.entries for u in node1.usage()) == 9
+    assert sum(u.entries for u in node0.usage()) == 24 and sum(u.entries for u in node1.usage()) == 12
     alone = subprocess.run([sys.executable, "-m", "capvqa", *COMMON, "--cache-dir", str(tmp_path / "node0-cache"),
                             "--out", str(tmp_path / "alone")], capture_output=True, text=True, timeout=420, env=_env())
     assert alone.returncode == 0, alone.stderr[-3000:]
@@ -267,7 +267,7 @@ def test_a_node_killed_mid_run_resumes_from_its_own_cache(tmp_path, tiny_zoo):
         os.killpg(nodes[0].pid, signal.SIGKILL)
         nodes[0].communicate()
     before = _committed(first_logs[1])
-    assert before["matching"] == 3 and 1 <= before["captioning"] < 3 and before.get("reader", 0) == 0
+    assert before["matching"] == 4 and 1 <= before["captioning"] < 4 and before.get("reader", 0) == 0
 
     second_logs = {rank: tmp_path / f"second{rank}.jsonl" for rank in (0, 1)}
     (status0, output0), (status1, output1) = _run_pnp_two_nodes(tmp_path, "run", second_logs)
@@ -275,7 +275,7 @@ def test_a_node_killed_mid_run_resumes_from_its_own_cache(tmp_path, tiny_zoo):
     assert status1 == 0, output1[-3000:]
     resumed = _committed(second_logs[1])
     assert "matching" not in resumed  # node 1's finished stage came from its own cache
-    assert resumed.get("captioning", 0) == 3 - before["captioning"] and resumed["reader"] == 3
+    assert resumed.get("captioning", 0) == 4 - before["captioning"] and resumed["reader"] == 4
     single = _single_run(tmp_path)
     assert json.loads((tmp_path / "node0-run" / "predictions.json").read_text()) == \
         json.loads((single / "predictions.json").read_text())

@@ -1,7 +1,7 @@
 """Data-parallel runs under ``torchrun`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK).
 
-Each rank runs every stage on its shard of the items (item i goes to rank i mod world size, a
-deterministic split), writing into its node's cache. Since an item's result depends only on (seed,
+Each rank runs every stage on its shard of the items (the k-th run of consecutive items about one image
+goes to rank k mod world size, a deterministic split: :class:`Shard`), writing into its node's cache. Since an item's result depends only on (seed,
 item, config), the union equals a single-process run -- up to floating-point rounding: a rank batches an
 item with other items than a single process does, so its float results (relevance maps, logits) may
 differ in the last bits (within 1e-5 relative, tested), and rarely a sampled patch set or caption token
@@ -100,17 +100,29 @@ class DistributedContext:
 
 
 class Shard:
-    """The items of one rank, re-iterable and sized like the dataset it views."""
+    """The items of one rank, re-iterable and sized like the dataset it views.
+
+    Items are dealt in runs of consecutive items about the same image (VQAv2 and OK-VQA list an image's
+    questions together, about 5.4 per image on VQAv2): run k goes to rank k mod world size. An image's
+    questions thus stay on one rank, which encodes the image once for all of them
+    (:mod:`capvqa.data.image_memo`); dealing single items round-robin would make every rank encode most
+    images. Every rank computes the same deal from the dataset order alone.
+    """
 
     def __init__(self, items: Iterable[VQAItem], rank: int, world_size: int) -> None:
         self.items, self.rank, self.world_size = items, rank, world_size
         self.name = getattr(items, "name", None)
+        self._length: int | None = None
 
     def __iter__(self) -> Iterator[VQAItem]:
-        for index, item in enumerate(self.items):
-            if index % self.world_size == self.rank:
+        run, previous = -1, object()
+        for item in self.items:
+            if item.image_id != previous:
+                run, previous = run + 1, item.image_id
+            if run % self.world_size == self.rank:
                 yield item
 
     def __len__(self) -> int:
-        total = len(self.items)  # type: ignore[arg-type]
-        return len(range(self.rank, total, self.world_size))
+        if self._length is None:  # one pass over the records (no image is read)
+            self._length = sum(1 for _ in self)
+        return self._length
