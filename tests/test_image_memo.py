@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_a_memo_hit_does_not_decode_the_image_again(inputs):
     memo.values(inputs[:1], Colours())
     inputs[0].item.image.path.unlink()  # a hit never opens the file
     assert memo.values([inputs[3]], Colours()) == ([2550], [0])
+
+
+def test_hand_made_inputs_share_values_within_a_batch_only(inputs):
+    """A stage used alone gets inputs labelled by the caller (no content hash): a label reused for another
+    picture in a later call must not get the earlier picture's value."""
+    a, b = (replace(inputs[i], image_hash="photo", content_sha256=None) for i in (0, 1))
+    memo: ImageMemo[int] = ImageMemo()
+    colours = Colours()
+    assert memo.values([a, a], colours) == ([2550], [0, 0])
+    assert memo.values([b], colours) == ([255], [0])
+    assert len(colours.calls) == 2 and len(memo) == 0
 
 
 def test_a_changed_image_is_refused_when_it_is_decoded(inputs):

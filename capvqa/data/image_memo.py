@@ -1,4 +1,5 @@
-"""Per-image values a stage computes once per run rather than once per batch (docs/methods.md#shared-deviations).
+"""Per-image values a stage computes once for all of an image's questions, not once per batch
+(docs/methods.md#shared-deviations).
 
 A VQAv2 image has about 5.4 questions. The engine batches an image's questions side by side
 (:func:`capvqa.engine.runner.batch_order`), but when they straddle a batch boundary the next batch would
@@ -7,8 +8,11 @@ hash, and computes (and decodes) only the images it has not seen recently: the e
 once per image of the run at any batch size.
 
 The memo is least-recently-used with a fixed number of images, so memory stays flat on a dataset of
-any size; an image evicted before its last question comes up (questions of one image split by the
-runner's window, far apart) is computed again, which only costs time. A value is whatever the stage
+any size; an image evicted before its last question comes up (its questions far apart in the run) is
+computed again, which only costs time. Values are kept by the hash of the image bytes the engine keyed
+the item with (``StageInput.content_sha256``); inputs made by hand without one (a stage used alone, whose
+``image_hash`` is any label) share values within a batch only, as before, so a label reused for another
+picture in a later call never gets the earlier picture's value. A value is whatever the stage
 derives from the image alone (an encoder's output row, a caption, CLIP tags); it must not depend on the
 question, or the memo would hand one question's value to another.
 """
@@ -28,8 +32,8 @@ if TYPE_CHECKING:
 
 Value = TypeVar("Value")
 
-# Enough for an image whose questions straddle a few batches, or two windows of the runner; a BLIP
-# ViT-L/16 output at 384 px is 2.4 MB in float32 (1.2 MB in half precision).
+# Enough for an image whose questions straddle a few batches; a BLIP ViT-L/16 output at 384 px is
+# 2.4 MB in float32 (1.2 MB in half precision), so 77 MB at most.
 MEMO_IMAGES = 32
 
 
@@ -53,7 +57,9 @@ class ImageMemo(Generic[Value]):
         the index of its image -- the shape :func:`capvqa.data.images.distinct_images` gives.
 
         ``compute`` maps decoded images to one value each, in order; it is called once per batch, only
-        with the images not in the memo (and not at all when every image is there).
+        with the images not in the memo (and not at all when every image is there). A value kept for later
+        batches should not share memory with other images' values: copy a row out of a batched tensor,
+        or the row keeps the whole batch's output alive.
         """
         index_of: dict[str, int] = {}
         first_entry: list[StageInput] = []
@@ -63,19 +69,23 @@ class ImageMemo(Generic[Value]):
                 index_of[entry.image_hash] = len(first_entry)
                 first_entry.append(entry)
             positions.append(index_of[entry.image_hash])
-        missing = [entry for entry in first_entry if entry.image_hash not in self._values]
+        found: list[Any] = [self._values.get(entry.content_sha256) if entry.content_sha256 else None
+                            for entry in first_entry]
+        missing = [i for i, entry in enumerate(first_entry)
+                   if not entry.content_sha256 or entry.content_sha256 not in self._values]
         if missing:
-            images = [load_image(entry.item.image, expected_sha256=entry.content_sha256) for entry in missing]
+            images = [load_image(first_entry[i].item.image, expected_sha256=first_entry[i].content_sha256)
+                      for i in missing]
             computed = list(compute(images))
             if len(computed) != len(missing):
                 raise RuntimeError(f"computed {len(computed)} values for {len(missing)} images")
             self.computed += len(missing)
-            for entry, value in zip(missing, computed):
-                self._values[entry.image_hash] = value
-        found = []
-        for entry in first_entry:
-            self._values.move_to_end(entry.image_hash)
-            found.append(self._values[entry.image_hash])
+            for i, value in zip(missing, computed):
+                found[i] = value
+        for entry, value in zip(first_entry, found):
+            if entry.content_sha256:  # engine-made input: the key is the image's content
+                self._values[entry.content_sha256] = value
+                self._values.move_to_end(entry.content_sha256)
         while len(self._values) > self.capacity:
             self._values.popitem(last=False)
         return found, positions
@@ -90,5 +100,5 @@ def memo_encoded_images(
 ) -> tuple[torch.Tensor, list[int]]:
     """An encoder's output (N, ...) for the N distinct images of ``batch`` and each input's image index,
     encoding only the images ``memo`` lacks (``encode`` maps decoded images to a batched tensor)."""
-    rows, positions = memo.values(batch, lambda images: list(encode(images)))
+    rows, positions = memo.values(batch, lambda images: [row.clone() for row in encode(images)])
     return torch.stack(rows), positions

@@ -317,6 +317,17 @@ def _items_with_bad_images(batch: Sequence[StageInput]) -> dict[int, DataError]:
     return bad
 
 
+def _images_encoded(stage: Any) -> int | None:
+    """The stage's optional ``images_encoded`` count; anything but an int is ignored with a warning, so a
+    stage that got it wrong cannot fail a run whose results are already committed."""
+    encoded = getattr(stage, "images_encoded", None)
+    if encoded is None or (isinstance(encoded, int) and not isinstance(encoded, bool)):
+        return encoded
+    log.warning("%s.images_encoded should be an int property, not %r; not reported",
+                type(stage).__name__, type(encoded).__name__)
+    return None
+
+
 def _is_out_of_memory(error: Exception) -> bool:
     import torch
 
@@ -527,7 +538,7 @@ class PipelineRunner:
         finally:
             bar.close()
             if ready:
-                stats.images_encoded = getattr(stage, "images_encoded", None)
+                stats.images_encoded = _images_encoded(stage)
                 stage.cleanup()
             elif hasattr(stage, "images_encoded"):
                 stats.images_encoded = 0  # everything was cached

@@ -40,7 +40,8 @@ class StageInput:
     ``item_key`` identifies (image content, question); stages derive per-item random streams from it so
     an item's result does not depend on which items share its batch. ``content_sha256`` is set by the
     engine: the hash of the image bytes the keys were made from, which a stage decoding the image checks
-    (:func:`capvqa.data.images.distinct_images`), so a file replaced mid-run never gets results under the
+    (:func:`capvqa.data.images.distinct_images`, :class:`capvqa.data.image_memo.ImageMemo`, which also
+    keeps values across batches by it), so a file replaced mid-run never gets results under the
     old content's keys; hand-made inputs leave it None.
 
     ``neighbours`` holds, for each of the stage's ``NEIGHBOUR_INPUTS``, that input's upstream result for
@@ -88,9 +89,9 @@ class Stage(Protocol):
 
     - ``cost(input) -> int``: the engine then runs the longest items first, so padding is small and an
       out-of-memory error shows at once;
-    - ``images_encoded -> int``: how many images the stage encoded since ``setup`` (a stage keeping recent
-      images' encodings, :mod:`capvqa.data.image_memo`, encodes fewer than its batches hold); the engine
-      reports it in the stage's statistics;
+    - ``images_encoded``: an int attribute or property, how many images the stage encoded since ``setup``
+      (a stage keeping recent images' encodings, :mod:`capvqa.data.image_memo`, encodes fewer than its
+      batches hold); the engine reports it in the stage's statistics;
     - ``model_fingerprints(cache_dir=None) -> dict[str, str]``: what identifies the stage's models (and any other
       dataset-level state it reads) in the cache key, when ``MODEL_FIELDS`` alone does not say it;
     - classmethod ``resolve_params(params, dataset: DatasetContext) -> params``: settings that depend on

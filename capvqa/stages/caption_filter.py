@@ -4,7 +4,8 @@ Question-guided captions sampled from a few patches are often wrong about the wh
 keeps a caption only when BLIP's ITM head, reading the whole image through the ITM model's own ViT, gives
 it a match probability (softmax over the head's two logits) of at least ``threshold`` (0.5). Every
 (image, caption) pair of a batch is scored in a few text-encoder calls; each distinct image is encoded
-once per run (:mod:`capvqa.data.image_memo`). It runs after PNP-VQA's captioning, without refilling (``pipelines/img2llm-whole-image-filter.yaml``);
+once, not once per batch (:mod:`capvqa.data.image_memo`). It runs after PNP-VQA's captioning, without
+refilling (``pipelines/img2llm-whole-image-filter.yaml``);
 Img2LLM's default, as its authors ran it, filters inside the caption loop instead
 (:mod:`capvqa.stages.filtered_patch_captioning`).
 """
@@ -78,14 +79,18 @@ class CaptionFilter:
         return len(entry.upstream["captions"].captions)
 
     def run(self, batch: Sequence[StageInput]) -> list[FilteredCaptions]:
-        image_embeds, image_index = memo_encoded_images(self.image_embeddings, batch, self.itm.encode_images)
-        pair_image: list[int] = []
-        pair_text: list[str] = []
-        for entry, image in zip(batch, image_index):
-            for caption in entry.upstream["captions"].captions:
-                pair_image.append(image)
-                pair_text.append(clean_caption(caption))
-        probabilities = self.match_probabilities(image_embeds, pair_image, pair_text) if pair_text else []
+        captioned = [entry for entry in batch if entry.upstream["captions"].captions]  # others need no image
+        probabilities: list[float] = []
+        if captioned:
+            image_embeds, image_index = memo_encoded_images(self.image_embeddings, captioned,
+                                                            self.itm.encode_images)
+            pair_image: list[int] = []
+            pair_text: list[str] = []
+            for entry, image in zip(captioned, image_index):
+                for caption in entry.upstream["captions"].captions:
+                    pair_image.append(image)
+                    pair_text.append(clean_caption(caption))
+            probabilities = self.match_probabilities(image_embeds, pair_image, pair_text)
         results, start = [], 0
         for entry in batch:
             captions = list(entry.upstream["captions"].captions)

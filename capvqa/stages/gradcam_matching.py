@@ -1,6 +1,6 @@
 """Question-image patch matching: GradCAM relevance on BLIP's ITM head (docs/methods.md#matching-gradcam).
 
-Cost structure: the ViT runs once per distinct image without gradient (once per run, not per batch:
+Cost structure: the ViT runs once per distinct image without gradient (once, not once per batch:
 :mod:`capvqa.data.image_memo`); only the text encoder runs with autograd, and only the gradient at one cross-attention map is requested (``torch.autograd.grad``), so
 backward never touches the vision encoder or any weight gradient -- the relevance is identical to a
 full backward pass at a fraction of the cost.

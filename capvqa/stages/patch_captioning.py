@@ -1,8 +1,8 @@
 """Question-guided patch captioning with the BLIP captioner (docs/methods.md#question-guided-captioning).
 
-Each distinct image is encoded once per run (:mod:`capvqa.data.image_memo`). For every caption draw, ``num_patches`` patch embeddings are
-sampled by relevance and fed alone as the decoder's cross-attention memory; all draws of all items in a
-batch decode together in a few ``generate`` calls (KV cache on). Sampling randomness is per item and per
+Each distinct image is encoded once, not once per batch (:mod:`capvqa.data.image_memo`). For every
+caption draw, ``num_patches`` patch embeddings are sampled by relevance and fed alone as the decoder's
+cross-attention memory; all draws of all items in a batch decode together in a few ``generate`` calls (KV cache on). Sampling randomness is per item and per
 draw (:mod:`capvqa.ops.seeded_sampling`), so an item's captions do not depend on its batch.
 
 Distinct-caption filling follows LAVIS -- each round draws ``num_captions`` candidates per unfinished
