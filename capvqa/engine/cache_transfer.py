@@ -29,6 +29,7 @@ from pathlib import Path
 
 from capvqa.engine.store import (
     DB_FILENAME,
+    ENTRIES_SCHEMA,
     STORE_SCHEMA_VERSION,
     CacheStore,
     entry_checksum,
@@ -41,17 +42,7 @@ EXPORT_FORMAT_VERSION = 1
 _CHUNK_ROWS = 256
 _MAX_EXAMPLES = 20
 
-_EXPORT_SCHEMA = """
-CREATE TABLE entries (
-    key TEXT PRIMARY KEY,
-    stage TEXT NOT NULL,
-    header BLOB NOT NULL,
-    arrays BLOB,
-    nbytes INTEGER NOT NULL,
-    created REAL NOT NULL,
-    checksum BLOB
-);
-CREATE INDEX entries_stage ON entries(stage);
+_EXPORT_SCHEMA = ENTRIES_SCHEMA + """
 CREATE TABLE export_info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 

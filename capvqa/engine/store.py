@@ -65,7 +65,8 @@ _SCAN_ROWS = 256
 _REPORTED_DAMAGE = 20
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
-_SCHEMA = """
+# The results table, as a cache and an export file (capvqa/engine/cache_transfer.py) both hold it.
+ENTRIES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
     stage TEXT NOT NULL,
@@ -76,6 +77,8 @@ CREATE TABLE IF NOT EXISTS entries (
     checksum BLOB
 );
 CREATE INDEX IF NOT EXISTS entries_stage ON entries(stage);
+"""
+_SCHEMA = ENTRIES_SCHEMA + """
 CREATE TABLE IF NOT EXISTS image_hashes (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
